@@ -1,0 +1,108 @@
+"""Conditioner networks of coupling layers, with zero-initialised heads.
+
+A conditioner maps the identity part of a coupling's input (and, for conditional flows, a
+context vector) to the parameters of the elementwise map applied to the other part. Its last
+layer starts at zero, so a fresh coupling is the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pyro.nn import ConditionalDenseNN, DenseNN
+from torch import Tensor, nn
+
+__all__ = ["ConvNet", "ZeroConv2d", "mlp", "zero_last_layer_"]
+
+
+def zero_last_layer_(net: nn.Module) -> nn.Module:
+    """Zero the weight and bias of the last ``nn.Linear``/``nn.Conv2d`` of ``net`` in place."""
+    last = [m for m in net.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    if not last:
+        raise TypeError(f"{type(net).__name__} has no Linear or Conv2d layer to zero")
+    with torch.no_grad():
+        last[-1].weight.zero_()
+        if last[-1].bias is not None:
+            last[-1].bias.zero_()
+    return net
+
+
+def mlp(
+    input_dim: int,
+    param_dims: Sequence[int],
+    hidden_dims: Sequence[int] = (64, 64),
+    context_dim: int = 0,
+) -> DenseNN | ConditionalDenseNN:
+    """A Pyro ``DenseNN`` (``ConditionalDenseNN`` if ``context_dim``) with a zero last layer.
+
+    Maps ``(..., input_dim)`` (and ``(..., context_dim)``) to a tuple of tensors of sizes
+    ``param_dims`` (one tensor when there is one parameter).
+    """
+    net: DenseNN | ConditionalDenseNN
+    if context_dim:
+        net = ConditionalDenseNN(input_dim, context_dim, list(hidden_dims), list(param_dims))
+    else:
+        net = DenseNN(input_dim, list(hidden_dims), list(param_dims))
+    zero_last_layer_(net)
+    return net
+
+
+class ZeroConv2d(nn.Conv2d):
+    """A ``padding='same'`` convolution whose weight and bias start at zero (Glow's head)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        zero_last_layer_(self)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 1),
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.net(h)
+
+
+class ConvNet(nn.Module):
+    """Glow's coupling network, optionally with residual blocks (RealNVP) and a context.
+
+    ``conv3x3 -> ReLU -> conv1x1 -> [residual blocks] -> ReLU -> zero conv3x3``. Accepts any
+    number of leading batch dims: ``(..., in_channels, H, W) -> (..., out_channels, H, W)``.
+    With ``context_dim > 0`` a context ``(..., context_dim)`` is mapped by a linear layer to a
+    per-channel bias of the first hidden layer.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden_channels: int = 64,
+        num_blocks: int = 0,
+        context_dim: int = 0,
+    ) -> None:
+        super().__init__()
+        self.context_dim = context_dim
+        self.inp = nn.Conv2d(in_channels, hidden_channels, 3, padding=1)
+        self.context = nn.Linear(context_dim, hidden_channels) if context_dim else None
+        layers: list[nn.Module] = [nn.ReLU(), nn.Conv2d(hidden_channels, hidden_channels, 1)]
+        layers += [_ResBlock(hidden_channels) for _ in range(num_blocks)]
+        layers += [nn.ReLU(), ZeroConv2d(hidden_channels, out_channels)]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        batch = x.shape[:-3]
+        h = self.inp(x.reshape((-1,) + x.shape[-3:]))
+        if self.context is not None:
+            if context is None:
+                raise ValueError("this ConvNet was built with a context_dim and needs a context")
+            c = self.context(context).expand(batch + (h.shape[1],))
+            h = h + c.reshape(-1, h.shape[1], 1, 1)
+        out = self.body(h)
+        return out.reshape(batch + out.shape[1:])

@@ -1,0 +1,51 @@
+"""Coupling and Glow-style transforms for ``torch.distributions.TransformedDistribution``.
+
+Direction follows Pyro: ``forward`` maps noise to data, ``inv`` maps data to noise.
+"""
+
+from pyro_flows_ext.transforms._base import CachedTransformModule
+from pyro_flows_ext.transforms.actnorm import ActNorm, actnorm
+from pyro_flows_ext.transforms.coupling import (
+    AdditiveCoupling,
+    AffineCoupling,
+    ConditionalAffineCoupling,
+    Coupling,
+    additive_coupling,
+    affine_coupling,
+    conditional_affine_coupling,
+)
+from pyro_flows_ext.transforms.glow import glow_step
+from pyro_flows_ext.transforms.invertible import (
+    InvertibleConv1x1,
+    InvertibleLinear,
+    invertible_conv1x1,
+    invertible_linear,
+)
+from pyro_flows_ext.transforms.masks import MaskPartition, Partition, SlicePartition
+from pyro_flows_ext.transforms.split import FactorOut, SplitPrior, split_prior
+from pyro_flows_ext.transforms.squeeze import SqueezeTransform
+
+__all__ = [
+    "ActNorm",
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "CachedTransformModule",
+    "ConditionalAffineCoupling",
+    "Coupling",
+    "FactorOut",
+    "InvertibleConv1x1",
+    "InvertibleLinear",
+    "MaskPartition",
+    "Partition",
+    "SlicePartition",
+    "SplitPrior",
+    "SqueezeTransform",
+    "actnorm",
+    "additive_coupling",
+    "affine_coupling",
+    "conditional_affine_coupling",
+    "glow_step",
+    "invertible_conv1x1",
+    "invertible_linear",
+    "split_prior",
+]

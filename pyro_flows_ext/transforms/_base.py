@@ -1,0 +1,178 @@
+"""Shared machinery of the transforms: event shapes, input checks, and the intermediate cache.
+
+Every learnable transform here computes its output and its log-determinant in one pass. The
+:class:`CachedTransformModule` base keeps the last ``(x, y, log_det)`` triple, keyed by the
+identity of the tensors *and* by the version counters of the module's parameters and buffers,
+so that ``log_abs_det_jacobian(x, y)`` right after either direction costs nothing, while an
+optimizer step (which updates parameters in place) can never make it hand back a stale value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from pyro.distributions.torch_transform import TransformModule
+from torch import Tensor
+from torch.distributions import constraints
+
+__all__ = [
+    "CachedTransformModule",
+    "EventShape",
+    "as_event_shape",
+    "check_input",
+    "event_constraint",
+    "sum_event",
+]
+
+EventShape = tuple[int, ...]
+
+
+def as_event_shape(shape: int | tuple[int, ...] | list[int] | torch.Size) -> EventShape:
+    """Normalise ``D`` (vectors) or ``(C, H, W)`` (images) to a tuple, with clear errors."""
+    if isinstance(shape, bool):
+        raise TypeError(f"event shape must be an int D or a tuple (C, H, W), got {shape!r}")
+    if isinstance(shape, int):
+        shape = (shape,)
+    if not isinstance(shape, tuple | list | torch.Size):
+        raise TypeError(f"event shape must be an int D or a tuple (C, H, W), got {shape!r}")
+    shape = tuple(shape)
+    if len(shape) not in (1, 3) or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(
+            f"event shape must be a positive int D or a tuple (C, H, W) of positive ints, "
+            f"got {shape!r}"
+        )
+    return shape
+
+
+def event_constraint(event_dim: int) -> constraints.Constraint:
+    """The real constraint with ``event_dim`` dependent dimensions."""
+    return constraints.independent(constraints.real, event_dim)
+
+
+def sum_event(t: Tensor, event_dim: int) -> Tensor:
+    """Sum the rightmost ``event_dim`` dimensions."""
+    return t.sum(tuple(range(-event_dim, 0))) if event_dim else t
+
+
+def check_input(x: Any, event_shape: tuple[int | None, ...], name: str = "input") -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``x`` is a floating tensor ending in
+    ``event_shape`` (``None`` entries accept any size)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    n = len(event_shape)
+    tail = tuple(x.shape[-n:]) if x.dim() >= n else tuple(x.shape)
+    ok = x.dim() >= n and all(e is None or e == s for e, s in zip(event_shape, tail, strict=True))
+    if not ok:
+        want = "(" + ", ".join("*" if e is None else str(e) for e in event_shape) + ")"
+        raise ValueError(
+            f"{name} must have event shape {want} in its last {n} dims, "
+            f"got a tensor of shape {tuple(x.shape)}"
+        )
+
+
+class _Entry(NamedTuple):
+    x: Tensor
+    y: Tensor
+    log_det: Tensor
+    state: tuple[int, ...]
+
+
+class CachedTransformModule(TransformModule):
+    """A bijective ``TransformModule`` that computes output and log-det together.
+
+    Subclasses implement ``_forward(x) -> (y, log_det)`` and ``_backward(y) -> (x, log_det)``,
+    where ``log_det`` is ``log|dy/dx|`` summed over the event (batch shape), and set
+    ``self._event_dim``. With ``cache_size=1`` the last triple is reused by
+    ``__call__``/``inv``/``log_abs_det_jacobian`` while the same tensors are passed *and* no
+    parameter or buffer of the module changed since; otherwise everything is recomputed.
+    """
+
+    bijective = True
+
+    def __init__(self, event_dim: int, cache_size: int = 1) -> None:
+        if cache_size not in (0, 1):
+            raise ValueError(f"cache_size must be 0 or 1, got {cache_size!r}")
+        super().__init__(cache_size=cache_size)
+        self._event_dim = event_dim
+        self._entry: _Entry | None = None
+
+    @constraints.dependent_property(is_discrete=False)
+    def domain(self) -> constraints.Constraint:  # type: ignore[override]
+        return event_constraint(self._event_dim)
+
+    @constraints.dependent_property(is_discrete=False)
+    def codomain(self) -> constraints.Constraint:  # type: ignore[override]
+        return event_constraint(self._event_dim)
+
+    # -- to implement -------------------------------------------------------------------
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _backward(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _check(self, x: Tensor, name: str) -> None:
+        """Validate an input; subclasses with a known event shape override this."""
+        check_input(x, (None,) * self._event_dim, name)
+
+    # -- caching ------------------------------------------------------------------------
+    def _state(self) -> tuple[int, ...]:
+        return tuple(t._version for t in self.parameters()) + tuple(
+            t._version for t in self.buffers()
+        )
+
+    def _hit(self, x: Tensor | None, y: Tensor | None) -> _Entry | None:
+        e = self._entry
+        if self._cache_size == 0 or e is None:
+            return None
+        if (x is not None and x is not e.x) or (y is not None and y is not e.y):
+            return None
+        if e.state != self._state():
+            return None
+        return e
+
+    def _store(self, x: Tensor, y: Tensor, log_det: Tensor) -> None:
+        if self._cache_size:
+            self._entry = _Entry(x, y, log_det, self._state())
+
+    def __call__(self, x: Tensor) -> Tensor:
+        hit = self._hit(x, None)
+        if hit is not None:
+            return hit.y
+        self._check(x, "input of the forward direction")
+        y, log_det = self._forward(x)
+        self._store(x, y, log_det)
+        return y
+
+    def _inv_call(self, y: Tensor) -> Tensor:
+        hit = self._hit(None, y)
+        if hit is not None:
+            return hit.x
+        self._check(y, "input of the inverse direction")
+        x, log_det = self._backward(y)
+        self._store(x, y, log_det)
+        return x
+
+    def _call(self, x: Tensor) -> Tensor:
+        return self._forward(x)[0]
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self._backward(y)[0]
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        hit = self._hit(x, y)
+        if hit is not None:
+            return hit.log_det
+        return self._forward(x)[1]
+
+    def clear_cache(self) -> None:
+        """Forget the cached triple (it is also invalidated by any parameter update)."""
+        self._entry = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_entry"] = None  # cached tensors may carry an autograd graph
+        return state

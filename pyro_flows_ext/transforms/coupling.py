@@ -1,0 +1,348 @@
+"""Coupling layers (NICE, RealNVP, Glow) for vectors and images.
+
+A coupling splits ``x`` into an identity part ``x_A`` and a transformed part ``x_B`` (see
+:mod:`pyro_flows_ext.transforms.masks`) and maps
+
+.. math:: y_A = x_A, \\qquad y_B = x_B \\odot s(x_A) + t(x_A),
+
+so the Jacobian is triangular with ``log|det| = sum(log s(x_A))``, and both directions take one
+conditioner pass: ``x_B = (y_B - t(y_A)) / s(y_A)``. One base class, :class:`Coupling`, does the
+split, the conditioner call, the merge and the caching; the subclasses only say how ``x_B`` is
+mapped.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from pyro.distributions.conditional import ConditionalTransformModule
+from torch import Tensor, nn
+
+from pyro_flows_ext.nn import ConvNet, mlp
+from pyro_flows_ext.transforms._base import (
+    CachedTransformModule,
+    EventShape,
+    as_event_shape,
+    check_input,
+)
+from pyro_flows_ext.transforms.masks import Partition, make_partition
+
+__all__ = [
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "ConditionalAffineCoupling",
+    "Coupling",
+    "additive_coupling",
+    "affine_coupling",
+    "conditional_affine_coupling",
+]
+
+SCALES = ("exp", "sigmoid")
+Conditioner = Callable[[Tensor], Tensor | Sequence[Tensor]]
+
+
+class Coupling(CachedTransformModule):
+    """Base of the coupling layers: split, conditioner call, merge, caching.
+
+    Args:
+        event_shape: ``D`` for vectors or ``(C, H, W)`` for images.
+        conditioner: a callable (usually an ``nn.Module``) mapping the identity part to the
+            parameters of the elementwise map: a tuple of ``num_params`` tensors, or one tensor
+            holding them stacked along the feature/channel axis, each of the transformed part's
+            shape (see :attr:`Partition.transformed_shape`).
+        mask: ``"half"``/``"alternating"`` for vectors, ``"channel"``/``"checkerboard"`` for
+            images (default: the first of each), or a ready :class:`Partition`.
+        parity: 0 or 1; which part is the identity.
+        cache_size: 1 (default) keeps the last result so that the log-det is free.
+    """
+
+    num_params = 1
+
+    def __init__(
+        self,
+        event_shape: int | EventShape,
+        conditioner: Conditioner,
+        mask: str | Partition | None = None,
+        parity: int = 0,
+        cache_size: int = 1,
+    ) -> None:
+        shape = as_event_shape(event_shape)
+        super().__init__(event_dim=len(shape), cache_size=cache_size)
+        self.event_shape = shape
+        if isinstance(mask, Partition):
+            if mask.event_shape != shape:
+                raise ValueError(f"partition of shape {mask.event_shape} given for {shape}")
+            self.partition = mask
+        else:
+            self.partition = make_partition(shape, mask, parity)
+        self.conditioner = conditioner
+
+    def _check(self, x: Tensor, name: str) -> None:
+        check_input(x, self.event_shape, name)
+
+    def _params(self, a: Tensor) -> Sequence[Tensor]:
+        out = self.conditioner(a)
+        if isinstance(out, Tensor):
+            out = out.chunk(self.num_params, dim=self.partition.feature_dim)
+        return (out,) if isinstance(out, Tensor) else out
+
+    def _map(self, b: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """``(y_B, elementwise log-det or None for volume-preserving maps)``."""
+        raise NotImplementedError
+
+    def _unmap(self, b: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """``(x_B, elementwise log-det of the forward map)``."""
+        raise NotImplementedError
+
+    def _log_det(self, x: Tensor, elementwise: Tensor | None) -> Tensor:
+        if elementwise is None:
+            return x.new_zeros(x.shape[: x.dim() - self._event_dim])
+        return self.partition.sum_log_det(elementwise)
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self.partition.split(x)
+        y_b, ld = self._map(b, self._params(a))
+        return self.partition.merge(x, y_b), self._log_det(x, ld)
+
+    def _backward(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self.partition.split(y)
+        x_b, ld = self._unmap(b, self._params(a))
+        return self.partition.merge(y, x_b), self._log_det(y, ld)
+
+    def extra_repr(self) -> str:
+        return f"event_shape={self.event_shape}"
+
+
+class AdditiveCoupling(Coupling):
+    """NICE's additive coupling ``y_B = x_B + t(x_A)``: volume preserving (log-det 0).
+
+    Example:
+        >>> import torch, pyro.distributions as dist
+        >>> t = additive_coupling(4)
+        >>> d = dist.TransformedDistribution(dist.Normal(torch.zeros(4), 1).to_event(1), [t])
+        >>> d.log_prob(torch.randn(3, 4)).shape
+        torch.Size([3])
+
+    Reference: Dinh, Krueger & Bengio (2015), NICE.
+    """
+
+    def _map(self, b: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, None]:
+        return b + params[0], None
+
+    def _unmap(self, b: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, None]:
+        return b - params[0], None
+
+
+class AffineCoupling(Coupling):
+    """RealNVP/Glow affine coupling ``y_B = x_B * s(x_A) + t(x_A)``.
+
+    The conditioner outputs ``(t, h)``; the log-scale is bounded smoothly:
+
+    * ``scale="exp"`` (RealNVP): ``log s = c * tanh(h / c)`` with ``c = clamp`` (soft clamp);
+    * ``scale="sigmoid"`` (Glow): ``s = sigmoid(h + 2) / sigmoid(2)``, so ``s`` lies in
+      ``(0, 1.14)`` and is 1 when ``h = 0``.
+
+    With a zero-initialised conditioner head the layer starts as the identity. With
+    ``cache_size=1`` the log-scale of the last call is kept, so
+    ``log_abs_det_jacobian`` after either direction costs nothing.
+
+    Example:
+        >>> import torch, pyro.distributions as dist
+        >>> t = affine_coupling((2, 4, 4), mask="checkerboard", hidden_channels=8)
+        >>> base = dist.Normal(torch.zeros(2, 4, 4), 1).to_event(3)
+        >>> flow = dist.TransformedDistribution(base, [t])
+        >>> flow.rsample((5,)).shape
+        torch.Size([5, 2, 4, 4])
+
+    References: Dinh, Sohl-Dickstein & Bengio (2017), RealNVP; Kingma & Dhariwal (2018), Glow.
+    """
+
+    num_params = 2
+
+    def __init__(
+        self,
+        event_shape: int | EventShape,
+        conditioner: Conditioner,
+        mask: str | Partition | None = None,
+        parity: int = 0,
+        scale: str = "exp",
+        clamp: float = 3.0,
+        cache_size: int = 1,
+    ) -> None:
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+        if not clamp > 0:
+            raise ValueError(f"clamp must be positive, got {clamp!r}")
+        super().__init__(event_shape, conditioner, mask, parity, cache_size)
+        self.scale = scale
+        self.clamp = float(clamp)
+
+    def _log_scale(self, h: Tensor) -> Tensor:
+        if self.scale == "exp":
+            return self.clamp * torch.tanh(h / self.clamp)
+        return F.logsigmoid(h + 2.0) - F.logsigmoid(h.new_tensor(2.0))
+
+    def _map(self, b: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        shift, h = params
+        log_s = self._log_scale(h)
+        return b * log_s.exp() + shift, log_s
+
+    def _unmap(self, b: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        shift, h = params
+        log_s = self._log_scale(h)
+        return (b - shift) * (-log_s).exp(), log_s
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale!r}, clamp={self.clamp}"
+
+
+class _Bound(nn.Module):
+    """A conditional network with its context fixed (keeps the network's parameters visible
+    to the coupling's cache)."""
+
+    def __init__(self, net: nn.Module, context: Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.context = context
+
+    def forward(self, a: Tensor) -> Tensor | Sequence[Tensor]:
+        return self.net(a, self.context)  # type: ignore[no-any-return]
+
+
+class ConditionalAffineCoupling(ConditionalTransformModule):
+    """An affine coupling whose conditioner also sees a context vector.
+
+    ``conditioner(x_A, context)`` returns ``(t, h)`` as for :class:`AffineCoupling`;
+    ``.condition(context)`` returns an :class:`AffineCoupling` for that context, usable in
+    ``pyro.distributions.ConditionalTransformedDistribution``.
+
+    Example:
+        >>> import torch, pyro.distributions as dist
+        >>> t = conditional_affine_coupling(4, context_dim=3)
+        >>> base = dist.Normal(torch.zeros(4), 1).to_event(1)
+        >>> d = dist.ConditionalTransformedDistribution(base, [t]).condition(torch.ones(3))
+        >>> d.sample((2,)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(
+        self,
+        event_shape: int | EventShape,
+        conditioner: nn.Module,
+        context_dim: int,
+        mask: str | None = None,
+        parity: int = 0,
+        scale: str = "exp",
+        clamp: float = 3.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(context_dim, int) or context_dim < 1:
+            raise ValueError(f"context_dim must be a positive int, got {context_dim!r}")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+        self.event_shape = as_event_shape(event_shape)
+        self.context_dim = context_dim
+        self.partition = make_partition(self.event_shape, mask, parity)
+        self.conditioner = conditioner
+        self.scale = scale
+        self.clamp = clamp
+
+    def condition(self, context: Tensor) -> AffineCoupling:
+        check_input(context, (self.context_dim,), "context")
+        bound = _Bound(self.conditioner, context)
+        return AffineCoupling(self.event_shape, bound, self.partition, 0, self.scale, self.clamp)
+
+
+def _conditioner(
+    partition: Partition,
+    num_params: int,
+    hidden_dims: Sequence[int] | None,
+    hidden_channels: int,
+    num_blocks: int,
+    context_dim: int = 0,
+) -> nn.Module:
+    a_shape, b_shape = partition.conditioner_shape, partition.transformed_shape
+    if partition.event_dim == 1:
+        dims = (max(64, 4 * a_shape[0]),) * 2 if hidden_dims is None else tuple(hidden_dims)
+        return mlp(a_shape[0], [b_shape[0]] * num_params, dims, context_dim)
+    return ConvNet(a_shape[0], num_params * b_shape[0], hidden_channels, num_blocks, context_dim)
+
+
+def _coupling_factory(cls: type[Coupling], doc: str) -> Callable[..., Coupling]:
+    def factory(
+        shape: int | EventShape,
+        hidden_dims: Sequence[int] | None = None,
+        mask: str | None = None,
+        parity: int = 0,
+        hidden_channels: int = 64,
+        num_blocks: int = 0,
+        cache_size: int = 1,
+        **kwargs: float | str,
+    ) -> Coupling:
+        event_shape = as_event_shape(shape)
+        partition = make_partition(event_shape, mask, parity)
+        net = _conditioner(partition, cls.num_params, hidden_dims, hidden_channels, num_blocks)
+        return cls(event_shape, net, partition, cache_size=cache_size, **kwargs)
+
+    factory.__doc__ = doc
+    return factory
+
+
+affine_coupling = _coupling_factory(
+    AffineCoupling,
+    """An :class:`AffineCoupling` with a zero-initialised conditioner.
+
+    Args:
+        shape: ``D`` (an MLP conditioner, Pyro's ``DenseNN``) or ``(C, H, W)`` (a
+            :class:`~pyro_flows_ext.nn.ConvNet`).
+        hidden_dims: MLP hidden sizes (default two layers of ``max(64, 4 * D_A)``).
+        mask, parity: see :class:`Coupling`.
+        hidden_channels, num_blocks: width and residual blocks of the CNN.
+        scale, clamp: see :class:`AffineCoupling`.
+
+    Example:
+        >>> affine_coupling(6, hidden_dims=[16]).event_shape
+        (6,)
+    """,
+)
+
+additive_coupling = _coupling_factory(
+    AdditiveCoupling,
+    """An :class:`AdditiveCoupling` with a zero-initialised conditioner (arguments as
+    :func:`affine_coupling`, without ``scale``).
+
+    Example:
+        >>> additive_coupling((4, 8, 8), mask="checkerboard", parity=1).event_shape
+        (4, 8, 8)
+    """,
+)
+
+
+def conditional_affine_coupling(
+    shape: int | EventShape,
+    context_dim: int,
+    hidden_dims: Sequence[int] | None = None,
+    mask: str | None = None,
+    parity: int = 0,
+    hidden_channels: int = 64,
+    num_blocks: int = 0,
+    scale: str = "exp",
+    clamp: float = 3.0,
+) -> ConditionalAffineCoupling:
+    """A :class:`ConditionalAffineCoupling` with a zero-initialised conditioner that sees
+    ``context`` of size ``context_dim`` (Pyro's ``ConditionalDenseNN`` for vectors, a
+    :class:`~pyro_flows_ext.nn.ConvNet` with a context bias for images).
+
+    Example:
+        >>> conditional_affine_coupling(4, context_dim=2).context_dim
+        2
+    """
+    event_shape = as_event_shape(shape)
+    partition = make_partition(event_shape, mask, parity)
+    net = _conditioner(partition, 2, hidden_dims, hidden_channels, num_blocks, context_dim)
+    return ConditionalAffineCoupling(
+        event_shape, net, context_dim, mask, parity, scale=scale, clamp=clamp
+    )

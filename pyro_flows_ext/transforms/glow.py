@@ -1,0 +1,58 @@
+"""One step of Glow: ActNorm, invertible 1x1 convolution, affine coupling."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pyro.distributions.torch_transform import ComposeTransformModule
+
+from pyro_flows_ext.transforms._base import EventShape, as_event_shape
+from pyro_flows_ext.transforms.actnorm import ActNorm
+from pyro_flows_ext.transforms.coupling import affine_coupling
+from pyro_flows_ext.transforms.invertible import invertible_linear
+
+__all__ = ["glow_step"]
+
+
+def glow_step(
+    shape: int | EventShape,
+    hidden_dims: Sequence[int] | None = None,
+    hidden_channels: int = 512,
+    lu: bool = True,
+    scale: str = "sigmoid",
+    parity: int = 0,
+    data_init: bool = True,
+) -> ComposeTransformModule:
+    """One Glow flow step as a ``ComposeTransformModule``.
+
+    In the density direction (data to noise, the inverse) it applies :class:`ActNorm`, then
+    :class:`InvertibleConv1x1` (:class:`InvertibleLinear` for vectors), then an
+    :class:`AffineCoupling` over a channel (``half`` for vectors) split, as in Glow; the
+    forward direction (noise to data) runs them in reverse order.
+
+    Args:
+        shape: ``D`` or ``(C, H, W)``.
+        hidden_dims: MLP widths of the coupling (vectors).
+        hidden_channels: CNN width of the coupling (images; Glow uses 512).
+        lu: LU-parameterised mixing.
+        scale: the coupling's scale (``"sigmoid"`` as in Glow, or ``"exp"``).
+        parity: which half the coupling keeps.
+        data_init: whether ActNorm initialises from the first batch of data.
+
+    Example:
+        >>> import torch
+        >>> step = glow_step((4, 8, 8), hidden_channels=16)
+        >>> x = torch.randn(2, 4, 8, 8)
+        >>> step(x).shape, step.log_abs_det_jacobian(x, step(x)).shape
+        (torch.Size([2, 4, 8, 8]), torch.Size([2]))
+    """
+    event_shape = as_event_shape(shape)
+    coupling = affine_coupling(
+        event_shape,
+        hidden_dims=hidden_dims,
+        hidden_channels=hidden_channels,
+        parity=parity,
+        scale=scale,
+    )
+    mixing = invertible_linear(event_shape, lu=lu)
+    return ComposeTransformModule([coupling, mixing, ActNorm(event_shape, data_init=data_init)])

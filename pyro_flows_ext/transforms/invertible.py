@@ -1,0 +1,172 @@
+"""Learned invertible linear mixing: Glow's 1x1 convolution and its vector twin.
+
+``y = W x`` over the channel axis of ``(C, H, W)`` images (every pixel mixed by the same
+``C x C`` matrix), or over the feature axis of vectors. In the LU parameterisation
+
+.. math:: W = P \\, L \\, (U + \\mathrm{diag}(\\mathrm{sign} \\cdot e^{\\log|s|}))
+
+with a fixed permutation ``P``, unit lower-triangular ``L``, strictly upper ``U``, and fixed
+signs, ``log|det W| = sum(log|s|)``: no determinant, and the diagonal can never cross zero.
+The log-det of the whole map is ``H * W * sum(log|s|)`` for images.
+
+Pyro's ``GeneralizedChannelPermute`` is the same 1x1 convolution in an LU form, but it learns
+the diagonal of ``U`` directly (it can cross zero, making ``W`` singular) and materialises a
+``[..., C, C, H, W]`` tensor in its forward; ours applies one batched matrix product per
+direction (see ``benchmarks/transforms.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pyro_flows_ext.transforms._base import (
+    CachedTransformModule,
+    EventShape,
+    as_event_shape,
+    check_input,
+)
+
+__all__ = ["InvertibleConv1x1", "InvertibleLinear", "invertible_conv1x1", "invertible_linear"]
+
+
+class _InvertibleMixing(CachedTransformModule):
+    """Shared body of :class:`InvertibleLinear` (``event_dim=1``) and
+    :class:`InvertibleConv1x1` (``event_dim=3``)."""
+
+    perm: Tensor
+    signs: Tensor
+    lower_mask: Tensor
+    eye: Tensor
+
+    def __init__(self, features: int, event_dim: int, lu: bool, cache_size: int) -> None:
+        if not isinstance(features, int) or isinstance(features, bool) or features < 1:
+            raise ValueError(f"number of features/channels must be a positive int, got {features!r}")
+        super().__init__(event_dim=event_dim, cache_size=cache_size)
+        self.features = features
+        self.lu = lu
+        w = torch.linalg.qr(torch.randn(features, features, dtype=torch.float64))[0]
+        if lu:
+            p, lower, upper = torch.linalg.lu(w)
+            s = torch.diagonal(upper)
+            self.register_buffer("perm", p.float())
+            self.register_buffer("signs", torch.sign(s).float())
+            self.register_buffer("lower_mask", torch.tril(torch.ones_like(w), -1).float())
+            self.register_buffer("eye", torch.eye(features))
+            self.lower = nn.Parameter(lower.float())
+            self.upper = nn.Parameter(torch.triu(upper, 1).float())
+            self.log_s = nn.Parameter(s.abs().log().float())
+        else:
+            self.weight = nn.Parameter(w.float())
+
+    def _check(self, x: Tensor, name: str) -> None:
+        check_input(x, (self.features,) + (None,) * (self._event_dim - 1), name)
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        lower = self.lower * self.lower_mask + self.eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.signs * self.log_s.exp())
+        return lower, upper
+
+    def weight_matrix(self) -> Tensor:
+        """The ``C x C`` matrix ``W``."""
+        if not self.lu:
+            return self.weight
+        lower, upper = self._factors()
+        return self.perm @ lower @ upper
+
+    def inverse_matrix(self) -> Tensor:
+        """``W^{-1}``, by triangular solves in the LU form."""
+        if not self.lu:
+            return torch.linalg.inv(self.weight)
+        lower, upper = self._factors()
+        eye = self.eye.to(lower.dtype)
+        l_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+        u_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
+        return u_inv @ l_inv @ self.perm.T
+
+    def _log_det(self, x: Tensor) -> Tensor:
+        log_det = self.log_s.sum() if self.lu else torch.linalg.slogdet(self.weight)[1]
+        pixels = x.shape[-2] * x.shape[-1] if self._event_dim == 3 else 1
+        return (log_det * pixels).expand(x.shape[: x.dim() - self._event_dim])
+
+    def _mix(self, matrix: Tensor, x: Tensor) -> Tensor:
+        if self._event_dim == 1:
+            return x @ matrix.T
+        c, h, w = x.shape[-3:]
+        return (matrix @ x.reshape(x.shape[:-3] + (c, h * w))).reshape(x.shape)
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._mix(self.weight_matrix(), x), self._log_det(x)
+
+    def _backward(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self._mix(self.inverse_matrix(), y), self._log_det(y)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, lu={self.lu}"
+
+
+class InvertibleLinear(_InvertibleMixing):
+    """A learned invertible ``D x D`` linear map of vectors, ``y = W x`` (Glow's 1x1
+    convolution for vectors), initialised at a random rotation.
+
+    Args:
+        dim: ``D``.
+        lu: use the LU parameterisation (default) or a plain matrix (log-det by ``slogdet``).
+
+    Example:
+        >>> import torch
+        >>> t = InvertibleLinear(3)
+        >>> x = torch.randn(2, 3)
+        >>> torch.allclose(t.inv(t(x)), x, atol=1e-5)
+        True
+    """
+
+    def __init__(self, dim: int, lu: bool = True, cache_size: int = 1) -> None:
+        super().__init__(dim, event_dim=1, lu=lu, cache_size=cache_size)
+
+
+class InvertibleConv1x1(_InvertibleMixing):
+    """Glow's invertible 1x1 convolution over the channels of ``(C, H, W)`` images,
+    initialised at a random rotation; ``log|det| = H * W * sum(log|s|)``.
+
+    Args:
+        channels: ``C`` (any ``H, W`` are accepted).
+        lu: use the LU parameterisation (default) or a plain matrix (log-det by ``slogdet``).
+
+    Example:
+        >>> import torch, pyro.distributions as dist
+        >>> base = dist.Normal(torch.zeros(4, 2, 2), 1).to_event(3)
+        >>> d = dist.TransformedDistribution(base, [InvertibleConv1x1(4)])
+        >>> d.log_prob(torch.randn(7, 4, 2, 2)).shape
+        torch.Size([7])
+
+    Reference: Kingma & Dhariwal (2018), Glow.
+    """
+
+    def __init__(self, channels: int, lu: bool = True, cache_size: int = 1) -> None:
+        super().__init__(channels, event_dim=3, lu=lu, cache_size=cache_size)
+
+
+def invertible_linear(shape: int | EventShape, lu: bool = True) -> _InvertibleMixing:
+    """An :class:`InvertibleLinear` for ``D``; for ``(C, H, W)`` its image twin,
+    :class:`InvertibleConv1x1`.
+
+    Example:
+        >>> invertible_linear(5).features
+        5
+    """
+    event_shape = as_event_shape(shape)
+    if len(event_shape) == 3:
+        return InvertibleConv1x1(event_shape[0], lu=lu)
+    return InvertibleLinear(event_shape[0], lu=lu)
+
+
+def invertible_conv1x1(shape: int | EventShape, lu: bool = True) -> _InvertibleMixing:
+    """An :class:`InvertibleConv1x1` for ``(C, H, W)``; for ``D``, its vector twin
+    :class:`InvertibleLinear`.
+
+    Example:
+        >>> invertible_conv1x1((3, 8, 8)).features
+        3
+    """
+    return invertible_linear(shape, lu=lu)
