@@ -49,11 +49,20 @@ def mlp(
 
 
 class ZeroConv2d(nn.Conv2d):
-    """A ``padding='same'`` convolution whose weight and bias start at zero (Glow's head)."""
+    """A ``padding='same'`` convolution whose weight and bias start at zero (Glow's head).
+
+    Accepts any number of leading batch dims: ``(..., C_in, H, W) -> (..., C_out, H, W)``.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
         zero_last_layer_(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4:
+            return super().forward(x)
+        out = super().forward(x.reshape((-1,) + x.shape[-3:]))
+        return out.reshape(x.shape[:-3] + out.shape[1:])
 
 
 class _ResBlock(nn.Module):

@@ -84,10 +84,13 @@ class CachedTransformModule(TransformModule):
     """A bijective ``TransformModule`` that computes output and log-det together.
 
     Subclasses implement ``_forward(x) -> (y, log_det)`` and ``_backward(y) -> (x, log_det)``,
-    where ``log_det`` is ``log|dy/dx|`` summed over the event (batch shape), and set
-    ``self._event_dim``. With ``cache_size=1`` the last triple is reused by
+    where ``log_det`` is ``log|dy/dx|`` summed over the event (batch shape), and pass the
+    number of event dims to ``__init__``. With ``cache_size=1`` the last triple is reused by
     ``__call__``/``inv``/``log_abs_det_jacobian`` while the same tensors are passed *and* no
-    parameter or buffer of the module changed since; otherwise everything is recomputed.
+    parameter or buffer of the module (submodules included) changed in place since; an
+    optimizer step, ``load_state_dict``, ``.to()`` or assigning a new parameter to the module
+    itself invalidates it. (After replacing a parameter object of a *nested* module by
+    assignment, call :meth:`clear_cache`.)
     """
 
     bijective = True
@@ -100,11 +103,11 @@ class CachedTransformModule(TransformModule):
         self._entry: _Entry | None = None
 
     @constraints.dependent_property(is_discrete=False)
-    def domain(self) -> constraints.Constraint:  # type: ignore[override]
+    def domain(self) -> constraints.Constraint:
         return event_constraint(self._event_dim)
 
     @constraints.dependent_property(is_discrete=False)
-    def codomain(self) -> constraints.Constraint:  # type: ignore[override]
+    def codomain(self) -> constraints.Constraint:
         return event_constraint(self._event_dim)
 
     # -- to implement -------------------------------------------------------------------
@@ -120,9 +123,23 @@ class CachedTransformModule(TransformModule):
 
     # -- caching ------------------------------------------------------------------------
     def _state(self) -> tuple[int, ...]:
-        return tuple(t._version for t in self.parameters()) + tuple(
-            t._version for t in self.buffers()
-        )
+        """Version counters of every parameter and buffer (bumped by any in-place update)."""
+        tracked = self.__dict__.get("_tracked")
+        if tracked is None:
+            tracked = tuple(self.parameters()) + tuple(self.buffers())
+            self.__dict__["_tracked"] = tracked
+        return tuple(t._version for t in tracked)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, Tensor | torch.nn.Module):  # a parameter, buffer or submodule
+            self.__dict__["_tracked"] = None
+            self.__dict__["_entry"] = None
+        super().__setattr__(name, value)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> CachedTransformModule:
+        self.__dict__["_tracked"] = None  # .to(), .double(), .cuda() may swap tensors
+        self._entry = None
+        return super()._apply(fn, *args, **kwargs)  # type: ignore[no-any-return]
 
     def _hit(self, x: Tensor | None, y: Tensor | None) -> _Entry | None:
         e = self._entry
@@ -175,4 +192,5 @@ class CachedTransformModule(TransformModule):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_entry"] = None  # cached tensors may carry an autograd graph
+        state["_tracked"] = None
         return state

@@ -13,7 +13,6 @@ mapped.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -105,12 +104,12 @@ class Coupling(CachedTransformModule):
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         a, b = self.partition.split(x)
         y_b, ld = self._map(b, self._params(a))
-        return self.partition.merge(x, y_b), self._log_det(x, ld)
+        return self.partition.merge(x, a, y_b), self._log_det(x, ld)
 
     def _backward(self, y: Tensor) -> tuple[Tensor, Tensor]:
         a, b = self.partition.split(y)
         x_b, ld = self._unmap(b, self._params(a))
-        return self.partition.merge(y, x_b), self._log_det(y, ld)
+        return self.partition.merge(y, a, x_b), self._log_det(y, ld)
 
     def extra_repr(self) -> str:
         return f"event_shape={self.event_shape}"
@@ -209,7 +208,7 @@ class _Bound(nn.Module):
         self.context = context
 
     def forward(self, a: Tensor) -> Tensor | Sequence[Tensor]:
-        return self.net(a, self.context)  # type: ignore[no-any-return]
+        return self.net(a, self.context)
 
 
 class ConditionalAffineCoupling(ConditionalTransformModule):
@@ -271,28 +270,17 @@ def _conditioner(
     return ConvNet(a_shape[0], num_params * b_shape[0], hidden_channels, num_blocks, context_dim)
 
 
-def _coupling_factory(cls: type[Coupling], doc: str) -> Callable[..., Coupling]:
-    def factory(
-        shape: int | EventShape,
-        hidden_dims: Sequence[int] | None = None,
-        mask: str | None = None,
-        parity: int = 0,
-        hidden_channels: int = 64,
-        num_blocks: int = 0,
-        cache_size: int = 1,
-        **kwargs: float | str,
-    ) -> Coupling:
-        event_shape = as_event_shape(shape)
-        partition = make_partition(event_shape, mask, parity)
-        net = _conditioner(partition, cls.num_params, hidden_dims, hidden_channels, num_blocks)
-        return cls(event_shape, net, partition, cache_size=cache_size, **kwargs)
-
-    factory.__doc__ = doc
-    return factory
-
-
-affine_coupling = _coupling_factory(
-    AffineCoupling,
+def affine_coupling(
+    shape: int | EventShape,
+    hidden_dims: Sequence[int] | None = None,
+    mask: str | None = None,
+    parity: int = 0,
+    hidden_channels: int = 64,
+    num_blocks: int = 0,
+    scale: str = "exp",
+    clamp: float = 3.0,
+    cache_size: int = 1,
+) -> AffineCoupling:
     """An :class:`AffineCoupling` with a zero-initialised conditioner.
 
     Args:
@@ -306,19 +294,35 @@ affine_coupling = _coupling_factory(
     Example:
         >>> affine_coupling(6, hidden_dims=[16]).event_shape
         (6,)
-    """,
-)
+    """
+    event_shape = as_event_shape(shape)
+    partition = make_partition(event_shape, mask, parity)
+    net = _conditioner(partition, 2, hidden_dims, hidden_channels, num_blocks)
+    return AffineCoupling(
+        event_shape, net, partition, scale=scale, clamp=clamp, cache_size=cache_size
+    )
 
-additive_coupling = _coupling_factory(
-    AdditiveCoupling,
+
+def additive_coupling(
+    shape: int | EventShape,
+    hidden_dims: Sequence[int] | None = None,
+    mask: str | None = None,
+    parity: int = 0,
+    hidden_channels: int = 64,
+    num_blocks: int = 0,
+    cache_size: int = 1,
+) -> AdditiveCoupling:
     """An :class:`AdditiveCoupling` with a zero-initialised conditioner (arguments as
-    :func:`affine_coupling`, without ``scale``).
+    :func:`affine_coupling`).
 
     Example:
         >>> additive_coupling((4, 8, 8), mask="checkerboard", parity=1).event_shape
         (4, 8, 8)
-    """,
-)
+    """
+    event_shape = as_event_shape(shape)
+    partition = make_partition(event_shape, mask, parity)
+    net = _conditioner(partition, 1, hidden_dims, hidden_channels, num_blocks)
+    return AdditiveCoupling(event_shape, net, partition, cache_size=cache_size)
 
 
 def conditional_affine_coupling(

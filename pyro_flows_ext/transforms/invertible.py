@@ -41,7 +41,9 @@ class _InvertibleMixing(CachedTransformModule):
 
     def __init__(self, features: int, event_dim: int, lu: bool, cache_size: int) -> None:
         if not isinstance(features, int) or isinstance(features, bool) or features < 1:
-            raise ValueError(f"number of features/channels must be a positive int, got {features!r}")
+            raise ValueError(
+                f"number of features/channels must be a positive int, got {features!r}"
+            )
         super().__init__(event_dim=event_dim, cache_size=cache_size)
         self.features = features
         self.lu = lu

@@ -53,8 +53,9 @@ class Partition(nn.Module):
         """``(conditioner input, transformed part)``."""
         raise NotImplementedError
 
-    def merge(self, x: Tensor, y_b: Tensor) -> Tensor:
-        """Put the transformed part ``y_b`` back beside the identity part of ``x``."""
+    def merge(self, x: Tensor, a: Tensor, y_b: Tensor) -> Tensor:
+        """Put the transformed part ``y_b`` back beside the identity part of ``x``
+        (``a`` is the conditioner input that :meth:`split` returned for ``x``)."""
         raise NotImplementedError
 
     def sum_log_det(self, log_det: Tensor) -> Tensor:
@@ -87,11 +88,10 @@ class SlicePartition(Partition):
         return (self.sizes[1 - self.parity],) + self.event_shape[1:]
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        a, b = torch.split(x, self.sizes, dim=self.feature_dim)
+        a, b = torch.split(x, list(self.sizes), dim=self.feature_dim)
         return (a, b) if self.parity == 0 else (b, a)
 
-    def merge(self, x: Tensor, y_b: Tensor) -> Tensor:
-        a = self.split(x)[0]
+    def merge(self, x: Tensor, a: Tensor, y_b: Tensor) -> Tensor:
         parts = (a, y_b) if self.parity == 0 else (y_b, a)
         return torch.cat(parts, dim=self.feature_dim)
 
@@ -130,7 +130,7 @@ class MaskPartition(Partition):
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return x * self.mask.to(x.dtype), x
 
-    def merge(self, x: Tensor, y_b: Tensor) -> Tensor:
+    def merge(self, x: Tensor, a: Tensor, y_b: Tensor) -> Tensor:
         return torch.where(self.mask, x, y_b)
 
     def sum_log_det(self, log_det: Tensor) -> Tensor:

@@ -65,7 +65,9 @@ class SplitPrior(AffineCoupling):
             net = nn.Linear(kept, 2 * factored)
             nn.init.zeros_(net.weight)
             nn.init.zeros_(net.bias)
-        super().__init__(event_shape, net, partition, scale="exp", clamp=clamp, cache_size=cache_size)
+        super().__init__(
+            event_shape, net, partition, scale="exp", clamp=clamp, cache_size=cache_size
+        )
 
 
 def split_prior(shape: int | EventShape, kernel_size: int = 3, clamp: float = 5.0) -> SplitPrior:

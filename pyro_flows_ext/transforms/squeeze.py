@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
-from torch.distributions import Transform, constraints
+from torch.distributions import Transform
 
 from pyro_flows_ext.transforms._base import check_input, event_constraint
 
@@ -51,8 +50,7 @@ class SqueezeTransform(Transform):
     def _check_channels(shape: Sequence[int], what: str) -> None:
         if len(shape) < 3 or shape[-3] % 4:
             raise ValueError(
-                f"{what} of SqueezeTransform.inv must end in (4C, H, W), "
-                f"got shape {tuple(shape)}"
+                f"{what} of SqueezeTransform.inv must end in (4C, H, W), got shape {tuple(shape)}"
             )
 
     def _call(self, x: Tensor) -> Tensor:
