@@ -13,6 +13,7 @@ mapped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 SCALES = ("exp", "sigmoid")
+_LOG1P_EXP_MINUS_2 = math.log1p(math.exp(-2.0))  # -log(sigmoid(2))
 Conditioner = Callable[[Tensor], Tensor | Sequence[Tensor]]
 
 
@@ -182,7 +184,7 @@ class AffineCoupling(Coupling):
     def _log_scale(self, h: Tensor) -> Tensor:
         if self.scale == "exp":
             return self.clamp * torch.tanh(h / self.clamp)
-        return F.logsigmoid(h + 2.0) - F.logsigmoid(h.new_tensor(2.0))
+        return F.logsigmoid(h + 2.0) + _LOG1P_EXP_MINUS_2
 
     def _map(self, b: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         shift, h = params
