@@ -17,7 +17,14 @@ __all__ = ["ConvNet", "ZeroConv2d", "mlp", "zero_last_layer_"]
 
 
 def zero_last_layer_(net: nn.Module) -> nn.Module:
-    """Zero the weight and bias of the last ``nn.Linear``/``nn.Conv2d`` of ``net`` in place."""
+    """Zero the weight and bias of the last ``nn.Linear``/``nn.Conv2d`` of ``net`` in place.
+
+    Example:
+        >>> from torch import nn
+        >>> net = zero_last_layer_(nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 4)))
+        >>> bool(net[1].weight.abs().sum() == 0), bool(net[0].weight.abs().sum() > 0)
+        (True, True)
+    """
     last = [m for m in net.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     if not last:
         raise TypeError(f"{type(net).__name__} has no Linear or Conv2d layer to zero")
@@ -38,6 +45,11 @@ def mlp(
 
     Maps ``(..., input_dim)`` (and ``(..., context_dim)``) to a tuple of tensors of sizes
     ``param_dims`` (one tensor when there is one parameter).
+
+    Example:
+        >>> shift, scale = mlp(3, [2, 2], hidden_dims=[8])(torch.randn(5, 3))
+        >>> shift.shape, bool(shift.abs().sum() == 0)
+        (torch.Size([5, 2]), True)
     """
     net: DenseNN | ConditionalDenseNN
     if context_dim:
@@ -52,6 +64,10 @@ class ZeroConv2d(nn.Conv2d):
     """A ``padding='same'`` convolution whose weight and bias start at zero (Glow's head).
 
     Accepts any number of leading batch dims: ``(..., C_in, H, W) -> (..., C_out, H, W)``.
+
+    Example:
+        >>> ZeroConv2d(3, 4)(torch.randn(2, 5, 3, 8, 8)).shape
+        torch.Size([2, 5, 4, 8, 8])
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
@@ -86,6 +102,11 @@ class ConvNet(nn.Module):
     number of leading batch dims: ``(..., in_channels, H, W) -> (..., out_channels, H, W)``.
     With ``context_dim > 0`` a context ``(..., context_dim)`` is mapped by a linear layer to a
     per-channel bias of the first hidden layer.
+
+    Example:
+        >>> net = ConvNet(2, 4, hidden_channels=8, num_blocks=1, context_dim=3)
+        >>> net(torch.randn(5, 2, 6, 6), torch.randn(5, 3)).shape
+        torch.Size([5, 4, 6, 6])
     """
 
     def __init__(

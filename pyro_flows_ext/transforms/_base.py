@@ -91,6 +91,26 @@ class CachedTransformModule(TransformModule):
     optimizer step, ``load_state_dict``, ``.to()`` or assigning a new parameter to the module
     itself invalidates it. (After replacing a parameter object of a *nested* module by
     assignment, call :meth:`clear_cache`.)
+
+    Example:
+        >>> import torch
+        >>> class Scale(CachedTransformModule):
+        ...     def __init__(self):
+        ...         super().__init__(event_dim=1)
+        ...         self.log_s = torch.nn.Parameter(torch.zeros(2))
+        ...     def _forward(self, x):
+        ...         return x * self.log_s.exp(), self.log_s.sum().expand(x.shape[:-1])
+        ...     def _backward(self, y):
+        ...         return y * (-self.log_s).exp(), self.log_s.sum().expand(y.shape[:-1])
+        >>> t = Scale()
+        >>> x = torch.ones(3, 2)
+        >>> y = t(x)
+        >>> t.inv(y) is x  # cached
+        True
+        >>> with torch.no_grad():
+        ...     _ = t.log_s.add_(1.0)  # an in-place update invalidates the cache
+        >>> bool(torch.allclose(t(x), x * torch.e))
+        True
     """
 
     bijective = True
@@ -123,12 +143,14 @@ class CachedTransformModule(TransformModule):
 
     # -- caching ------------------------------------------------------------------------
     def _state(self) -> tuple[int, ...]:
-        """Version counters of every parameter and buffer (bumped by any in-place update)."""
+        """Grad mode, then the version counters of every parameter and buffer (bumped by any
+        in-place update). Grad mode is part of the key: a result computed under ``no_grad``
+        has no graph and must not be handed to a caller that wants gradients."""
         tracked = self.__dict__.get("_tracked")
         if tracked is None:
             tracked = tuple(self.parameters()) + tuple(self.buffers())
             self.__dict__["_tracked"] = tracked
-        return tuple(t._version for t in tracked)
+        return (int(torch.is_grad_enabled()), *(t._version for t in tracked))
 
     def __setattr__(self, name: str, value: Any) -> None:
         if isinstance(value, Tensor | torch.nn.Module):  # a parameter, buffer or submodule

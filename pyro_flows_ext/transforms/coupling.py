@@ -58,6 +58,16 @@ class Coupling(CachedTransformModule):
             images (default: the first of each), or a ready :class:`Partition`.
         parity: 0 or 1; which part is the identity.
         cache_size: 1 (default) keeps the last result so that the log-det is free.
+
+    Example:
+        A coupling with a network of your own (here a linear map of ``x_A`` to ``t``):
+
+        >>> import torch
+        >>> net = torch.nn.Linear(2, 2)
+        >>> t = AdditiveCoupling(4, net, mask="half")
+        >>> x = torch.randn(3, 4)
+        >>> torch.equal(t(x)[:, :2], x[:, :2])
+        True
     """
 
     num_params = 1
@@ -292,6 +302,7 @@ def affine_coupling(
         mask, parity: see :class:`Coupling`.
         hidden_channels, num_blocks: width and residual blocks of the CNN.
         scale, clamp: see :class:`AffineCoupling`.
+        cache_size: see :class:`Coupling`.
 
     Example:
         >>> affine_coupling(6, hidden_dims=[16]).event_shape
@@ -314,8 +325,14 @@ def additive_coupling(
     num_blocks: int = 0,
     cache_size: int = 1,
 ) -> AdditiveCoupling:
-    """An :class:`AdditiveCoupling` with a zero-initialised conditioner (arguments as
-    :func:`affine_coupling`).
+    """An :class:`AdditiveCoupling` with a zero-initialised conditioner.
+
+    Args:
+        shape: ``D`` (an MLP conditioner) or ``(C, H, W)`` (a CNN conditioner).
+        hidden_dims: MLP hidden sizes (default two layers of ``max(64, 4 * D_A)``).
+        mask, parity: see :class:`Coupling`.
+        hidden_channels, num_blocks: width and residual blocks of the CNN.
+        cache_size: see :class:`Coupling`.
 
     Example:
         >>> additive_coupling((4, 8, 8), mask="checkerboard", parity=1).event_shape
@@ -341,6 +358,12 @@ def conditional_affine_coupling(
     """A :class:`ConditionalAffineCoupling` with a zero-initialised conditioner that sees
     ``context`` of size ``context_dim`` (Pyro's ``ConditionalDenseNN`` for vectors, a
     :class:`~pyro_flows_ext.nn.ConvNet` with a context bias for images).
+
+    Args:
+        shape: ``D`` or ``(C, H, W)``.
+        context_dim: size of the context vector.
+        hidden_dims, mask, parity, hidden_channels, num_blocks: as :func:`affine_coupling`.
+        scale, clamp: see :class:`AffineCoupling`.
 
     Example:
         >>> conditional_affine_coupling(4, context_dim=2).context_dim

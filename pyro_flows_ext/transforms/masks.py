@@ -27,7 +27,15 @@ MASKS = {1: ("half", "alternating"), 3: ("channel", "checkerboard")}
 
 
 class Partition(nn.Module):
-    """Splits an input of a fixed event shape into conditioning and transformed parts."""
+    """Splits an input of a fixed event shape into conditioning and transformed parts.
+
+    Example:
+        >>> import torch
+        >>> p = make_partition((4, 2, 2), "channel", parity=1)
+        >>> a, b = p.split(torch.arange(16.0).reshape(4, 2, 2))
+        >>> a.shape, b.shape, p.conditioner_shape
+        (torch.Size([2, 2, 2]), torch.Size([2, 2, 2]), (2, 2, 2))
+    """
 
     def __init__(self, event_shape: EventShape) -> None:
         super().__init__()
@@ -64,7 +72,14 @@ class Partition(nn.Module):
 
 
 class SlicePartition(Partition):
-    """Contiguous halves along the feature/channel axis (``half`` and ``channel`` masks)."""
+    """Contiguous halves along the feature/channel axis (``half`` and ``channel`` masks).
+
+    With an odd size the identity part gets the larger half under parity 0.
+
+    Example:
+        >>> SlicePartition((5,), parity=0).sizes
+        (3, 2)
+    """
 
     def __init__(self, event_shape: EventShape, parity: int = 0) -> None:
         super().__init__(event_shape)
@@ -106,6 +121,10 @@ class MaskPartition(Partition):
     """An elementwise boolean mask (``alternating`` and ``checkerboard`` masks).
 
     ``mask`` is ``True`` where the input is the identity (conditioning) part.
+
+    Example:
+        >>> make_partition((4,), "alternating").mask
+        tensor([ True, False,  True, False])
     """
 
     mask: Tensor

@@ -42,7 +42,7 @@ class SplitPrior(AffineCoupling):
     The last ``C // 2`` channels (features) are ``mu(h) + exp(log_sigma(h)) * eps`` where
     ``h`` are the first ``C - C // 2`` and ``(mu, log_sigma)`` come from a zero-initialised 3x3
     convolution (a linear layer for vectors). ``log_sigma`` is soft-clamped to
-    ``[-clamp, clamp]``.
+    ``[-clamp, clamp]``. Arguments as :func:`split_prior`.
 
     Example:
         >>> import torch
@@ -71,7 +71,17 @@ class SplitPrior(AffineCoupling):
 
 
 def split_prior(shape: int | EventShape, kernel_size: int = 3, clamp: float = 5.0) -> SplitPrior:
-    """A :class:`SplitPrior` for ``(C, H, W)`` (or ``D``)."""
+    """A :class:`SplitPrior` for ``(C, H, W)`` (or ``D``).
+
+    Args:
+        shape: the event shape of the level, ``(C, H, W)`` or ``D``.
+        kernel_size: of the zero-initialised convolution (images).
+        clamp: bound of the soft-clamped log-scale.
+
+    Example:
+        >>> split_prior((4, 8, 8)).partition.sizes  # (kept, factored out)
+        (2, 2)
+    """
     return SplitPrior(shape, kernel_size=kernel_size, clamp=clamp)
 
 
