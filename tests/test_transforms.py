@@ -81,6 +81,8 @@ CASES: dict[str, Case] = {
     "invertible-conv1x1-plain": Case(lambda: _m(T.InvertibleConv1x1(IMG[0], lu=False)), IMG),
     "squeeze": Case(lambda: _m(T.SqueezeTransform()), IMG, (16, 2, 3)),
     "squeeze-inv": Case(lambda: _m(T.SqueezeTransform().inv), (16, 2, 3), IMG),
+    "top-prior-vec": Case(lambda: _m(T.top_prior(VEC)), (VEC,)),
+    "top-prior-img": Case(lambda: _m(T.ElementwiseAffine(IMG)), IMG),
     "split-prior-img": Case(lambda: _m(T.split_prior(IMG)), IMG),
     "split-prior-vec": Case(lambda: _m(T.split_prior(VEC)), (VEC,)),
     "factor-out": Case(

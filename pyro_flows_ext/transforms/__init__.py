@@ -22,6 +22,7 @@ from pyro_flows_ext.transforms.invertible import (
     invertible_linear,
 )
 from pyro_flows_ext.transforms.masks import MaskPartition, Partition, SlicePartition
+from pyro_flows_ext.transforms.prior import ElementwiseAffine, top_prior
 from pyro_flows_ext.transforms.split import FactorOut, SplitPrior, split_prior
 from pyro_flows_ext.transforms.squeeze import SqueezeTransform
 
@@ -32,6 +33,7 @@ __all__ = [
     "CachedTransformModule",
     "ConditionalAffineCoupling",
     "Coupling",
+    "ElementwiseAffine",
     "FactorOut",
     "InvertibleConv1x1",
     "InvertibleLinear",
@@ -48,4 +50,5 @@ __all__ = [
     "invertible_conv1x1",
     "invertible_linear",
     "split_prior",
+    "top_prior",
 ]

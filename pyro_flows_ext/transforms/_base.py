@@ -161,7 +161,7 @@ class CachedTransformModule(TransformModule):
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> CachedTransformModule:
         self.__dict__["_tracked"] = None  # .to(), .double(), .cuda() may swap tensors
         self._entry = None
-        return super()._apply(fn, *args, **kwargs)  # type: ignore[no-any-return]
+        return super()._apply(fn, *args, **kwargs)
 
     def _hit(self, x: Tensor | None, y: Tensor | None) -> _Entry | None:
         e = self._entry

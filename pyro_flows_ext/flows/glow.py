@@ -1,0 +1,110 @@
+"""Glow (Kingma & Dhariwal, 2018) for images and vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch.distributions import Transform
+
+from pyro_flows_ext.flows._common import (
+    check_levels,
+    check_positive,
+    forward_order,
+    max_levels,
+    multiscale,
+)
+from pyro_flows_ext.flows.flow import Flow
+from pyro_flows_ext.transforms import SplitPrior, glow_step, top_prior
+from pyro_flows_ext.transforms._base import EventShape, as_event_shape
+
+__all__ = ["glow"]
+
+
+def glow(
+    event_shape: int | EventShape,
+    levels: int | None = None,
+    steps: int | None = None,
+    hidden_channels: int = 64,
+    hidden_dims: Sequence[int] | None = None,
+    learn_top: bool = True,
+    lu: bool = True,
+    scale: str = "sigmoid",
+) -> Flow:
+    """A Glow density model.
+
+    **Images** ``(C, H, W)``: ``levels`` levels; each squeezes ``(C, H, W) -> (4C, H/2, W/2)``
+    and applies ``steps`` flow steps (:func:`~pyro_flows_ext.transforms.glow_step`: ActNorm,
+    LU-parameterised invertible 1x1 convolution, affine coupling with ``sigmoid`` scale whose
+    conv conditioner has ``hidden_channels`` channels and a zero-initialised last layer);
+    every level but the last then factors out half of the channels with a learned conditional
+    Gaussian prior (:class:`~pyro_flows_ext.transforms.SplitPrior`). With ``learn_top`` the
+    top level's prior is a learned diagonal Gaussian too (an
+    :class:`~pyro_flows_ext.transforms.ElementwiseAffine` at the identity). In the density
+    direction, for ``L = 2``:
+
+    .. math:: x \\to \\text{squeeze} \\to K \\text{ steps} \\to \\text{split}
+              \\to [\\text{squeeze} \\to K \\text{ steps} \\to \\text{top}]
+              \\to \\text{unsqueeze} \\to z \\sim N(0, I).
+
+    The default ``levels`` is the most squeezes (up to 3) that keep ``H, W >= 2``: 2 for
+    8x8 and 28x28 images, 3 for 32x32. Default ``steps``: 8 for images.
+
+    **Vectors** ``D``: ``steps`` (default 8) steps of ActNorm, an LU-parameterised
+    :class:`~pyro_flows_ext.transforms.InvertibleLinear` and an affine coupling with an MLP
+    conditioner (``hidden_dims``, default two layers of ``max(64, 2D)``); ``levels`` must be
+    ``None`` or 1.
+
+    Every coupling starts at the identity, so the model starts at its base (after ActNorm's
+    data-dependent initialisation on the first ``log_prob`` batch).
+
+    Example:
+        >>> import torch
+        >>> flow = glow((1, 8, 8), steps=2, hidden_channels=8)
+        >>> x = torch.randn(5, 1, 8, 8)
+        >>> flow.log_prob(x).shape, flow.sample((3,)).shape
+        (torch.Size([5]), torch.Size([3, 1, 8, 8]))
+
+    Reference: Kingma & Dhariwal (2018), Glow: generative flow with invertible 1x1
+    convolutions.
+    """
+    shape = as_event_shape(event_shape)
+    check_positive("hidden_channels", hidden_channels)
+    config = {
+        "builder": "glow",
+        "event_shape": list(shape),
+        "hidden_channels": hidden_channels,
+        "hidden_dims": None if hidden_dims is None else list(hidden_dims),
+        "learn_top": bool(learn_top),
+        "lu": bool(lu),
+        "scale": scale,
+    }
+    if len(shape) == 1:
+        if levels not in (None, 1):
+            raise ValueError(f"a vector Glow has one level, got levels={levels!r}")
+        k = check_positive("steps", 8 if steps is None else steps)
+        density: list[Transform] = [
+            glow_step(shape, hidden_dims=hidden_dims, lu=lu, scale=scale, parity=i % 2)
+            for i in range(k)
+        ]
+        if learn_top:
+            density.append(top_prior(shape))
+        return Flow(shape, forward_order(density), {**config, "levels": 1, "steps": k})
+
+    n = max_levels(shape) if levels is None else check_positive("levels", levels)
+    if n < 1:
+        raise ValueError(f"Glow needs H and W divisible by 2, got event shape {shape}")
+    check_levels(shape, n, n)
+    k = check_positive("steps", 8 if steps is None else steps)
+
+    def level(sq: EventShape, is_last: bool) -> list[Transform]:
+        density: list[Transform] = [
+            glow_step(sq, hidden_channels=hidden_channels, lu=lu, scale=scale, parity=i % 2)
+            for i in range(k)
+        ]
+        if not is_last:
+            density.append(SplitPrior(sq))
+        elif learn_top:
+            density.append(top_prior(sq))
+        return forward_order(density)
+
+    return Flow(shape, multiscale(shape, n, level), {**config, "levels": n, "steps": k})
