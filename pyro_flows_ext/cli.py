@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "busy machine extra threads can slow training down many times)",
     )
     fit.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
-    fit.add_argument("--compile", action="store_true", help="torch.compile the model's log_prob")
+    fit.add_argument("--compile", action="store_true", help="torch.compile the coupling networks")
     fit.add_argument(
         "--out", default="runs/digits", metavar="DIR", help="output folder (default runs/digits)"
     )
