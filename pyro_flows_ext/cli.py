@@ -4,7 +4,9 @@
 train/validation/test split), prints the test bits/dim and writes ``model.pt`` (the
 checkpoint), ``samples.png``, ``curve.png`` and ``metrics.json`` to ``runs/digits``. Running
 the same command again resumes from the checkpoint. ``pyro-flows sample CKPT`` draws from a
-trained model. Errors in the input (a missing file, a malformed array) end with a one-line
+trained model. Under ``torchrun --nproc_per_node=N -m pyro_flows_ext fit ...`` training is
+data-parallel (``DistributedDataParallel``) and process 0 alone prints and writes files. Errors
+in the input (a missing file, a malformed array) end with a one-line
 message and exit status 2 (set ``PYRO_FLOWS_DEBUG=1`` for the traceback).
 """
 
@@ -46,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         "split, print the test bits/dim, and write the checkpoint (model.pt), a grid or "
         "scatter of samples (samples.png), the training curve (curve.png) and metrics.json "
         "to --out. If --out already holds a checkpoint of the same configuration, training "
-        "resumes from it.",
+        "resumes from it. Launched by 'torchrun --nproc_per_node=N -m pyro_flows_ext fit ...', "
+        "it trains data-parallel on N processes (one GPU each, or CPU processes with gloo).",
     )
     fit.add_argument(
         "--data", default="digits", metavar="{digits,mnist,moons,PATH.npy,PATH.csv}", help=DATA_HELP
@@ -100,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="maximum training steps (default 1000; early stopping may end sooner)",
     )
     fit.add_argument(
-        "--batch-size", type=int, default=64, metavar="N", help="examples per step (default 64)"
-    )
+        "--batch-size", type=int, default=64, metavar="N",
+        help="examples per step, per process under torchrun (default 64)",
+    )  # fmt: skip
     fit.add_argument(
         "--lr",
         type=float,
@@ -284,9 +288,16 @@ def _fit(args: argparse.Namespace) -> int:
         fit,
         read_checkpoint,
         resolve_device,
+        torchrun_env,
     )
 
-    device = resolve_device(args.device)
+    device, launch = resolve_device(args.device), torchrun_env()
+    main = launch is None or launch.rank == 0  # under torchrun, process 0 prints and writes
+
+    def say(text: str) -> None:
+        if main:
+            print(text)
+
     name, split = _load_data(args)
     shape = split.event_shape
     if split.levels is not None and args.dequantize == "variational":
@@ -301,19 +312,20 @@ def _fit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     ckpt = out / "model.pt"
     levels = f", {split.levels} levels" if split.levels else ""
-    print(
+    say(
         f"data: {name}, event shape {shape}{levels}; "
         f"train {len(split.train)} / valid {len(split.valid)} / test {len(split.test)}"
     )
     n_params = sum(p.numel() for p in flow.parameters())
-    print(f"model: {_describe(flow)}, {n_params:,} parameters; device {device}")
+    where = f"device {device}" + (f", {launch.world_size} processes" if launch else "")
+    say(f"model: {_describe(flow)}, {n_params:,} parameters; {where}")
     if ckpt.exists() and not args.restart:
         old = read_checkpoint(ckpt)
         if old.get("flow_config") != flow.config or old.get("preprocess") != pre.config():
             raise _UsageError(
                 f"{ckpt} holds another model or preprocessing; use --restart or another --out"
             )
-        print(f"resuming from {ckpt} (step {old['step']})")
+        say(f"resuming from {ckpt} (step {old['step']})")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     history = fit(
@@ -323,6 +335,8 @@ def _fit(args: argparse.Namespace) -> int:
         seed=args.seed, bf16=args.bf16, compile=args.compile,
     )  # fmt: skip
     seconds = time.perf_counter() - start
+    if not main:
+        return 0
     test = bits_per_dim(flow, split.test, dequantize=pre, seed=args.seed)
     temperature = args.temperature if len(shape) == 3 else 1.0
     torch.manual_seed(args.seed)

@@ -1,6 +1,7 @@
 """Maximum-likelihood training of flows: preprocessing, metrics, ``fit``, checkpoints."""
 
 from pyro_flows_ext.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from pyro_flows_ext.train.distributed import Distributed, setup_distributed, torchrun_env
 from pyro_flows_ext.train.fit import History, TrainingDivergedError, fit, resolve_device
 from pyro_flows_ext.train.metrics import bits_per_dim, log_likelihood, nll
 from pyro_flows_ext.train.preprocess import (
@@ -14,6 +15,7 @@ from pyro_flows_ext.train.vardeq import VariationalDequantize
 
 __all__ = [
     "Dequantize",
+    "Distributed",
     "History",
     "Identity",
     "Preprocess",
@@ -29,4 +31,6 @@ __all__ = [
     "read_checkpoint",
     "resolve_device",
     "save_checkpoint",
+    "setup_distributed",
+    "torchrun_env",
 ]

@@ -4,7 +4,8 @@ The loss is the negative log-likelihood of the raw data in bits per dimension (s
 :mod:`pyro_flows_ext.train.preprocess`), minimised by Adam with a linear warm-up and gradient
 norm clipping. Batch order and dequantization noise come from generators seeded by
 ``(seed, epoch)`` and ``(seed, step)``, so a run resumed from a checkpoint continues exactly as
-the uninterrupted run would have.
+the uninterrupted run would have. Under ``torchrun`` the same function trains data-parallel
+across processes (see :mod:`pyro_flows_ext.train.distributed`).
 """
 
 from __future__ import annotations
@@ -17,18 +18,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from pyro_flows_ext.flows import Flow
+from pyro_flows_ext.train._steps import (
+    Batches,
+    Objective,
+    Schedule,
+    compile_conditioners,
+    seed_of,
+    snapshot,
+    stage,
+)
 from pyro_flows_ext.train.checkpoint import (
     get_rng_state,
     read_checkpoint,
     save_checkpoint,
     set_rng_state,
 )
-from pyro_flows_ext.train.metrics import as_tensor_data, bits_per_dim, log_likelihood
+from pyro_flows_ext.train.distributed import Distributed, setup_distributed
+from pyro_flows_ext.train.metrics import as_tensor_data, log_likelihood, nll
 from pyro_flows_ext.train.preprocess import Preprocess, as_preprocess
 
 __all__ = ["History", "TrainingDivergedError", "fit", "resolve_device"]
@@ -86,65 +96,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def _seed(seed: int, *keys: int) -> int:
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _snapshot(module: torch.nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-class _Batches:
-    """Epoch permutations from ``(seed, epoch)``; batch ``s`` is a slice of epoch ``s // n``."""
-
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
-        self.size, self.seed = size, seed
-        self.batch_size = min(batch_size, size)
-        self.per_epoch = size // self.batch_size
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def indices(self, step: int) -> Tensor:
-        epoch, i = divmod(step, self.per_epoch)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(_seed(self.seed, 0, epoch))
-            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=g)
-        return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
-
-
-class _Schedule:
-    """Learning-rate factor: linear warm-up, then constant or a half cosine to zero."""
-
-    def __init__(self, warmup: int, total: int, kind: str) -> None:
-        self.warmup, self.total, self.kind = max(int(warmup), 1), total, kind
-
-    def __call__(self, step: int) -> float:
-        ramp = min(1.0, (step + 1) / self.warmup)
-        if self.kind == "constant" or step < self.warmup:
-            return ramp
-        frac = (step - self.warmup) / max(self.total - self.warmup, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
-
-
-def _compile_conditioners(flow: Flow) -> None:
-    """``torch.compile`` the coupling networks in place (where the FLOPs are); the rest of
-    the flow is bookkeeping that would only break graphs."""
-    from pyro_flows_ext.transforms import Coupling
-
-    for module in flow.modules():
-        net = getattr(module, "conditioner", None)
-        if isinstance(module, Coupling) and isinstance(net, torch.nn.Module):
-            net.compile()
-
-
-def _stage(data: Tensor, device: torch.device) -> Tensor:
-    """Keep data on the CPU for CPU training; for CUDA pin it, and move it whole when small."""
-    if device.type != "cuda":
-        return data
-    pinned = data.pin_memory()
-    small = data.numel() * data.element_size() < 2**30
-    return pinned.to(device, non_blocking=True) if small else pinned
-
-
 def fit(
     flow: Flow,
     train: Any,
@@ -169,6 +120,7 @@ def fit(
     bf16: bool = False,
     compile: bool = False,
     callback: Callable[[int, float], None] | None = None,
+    distributed: bool | None = None,
 ) -> History:
     """Train ``flow`` by maximum likelihood; return the :class:`History`.
 
@@ -179,10 +131,11 @@ def fit(
             ``eval_every`` steps, training stops after ``patience`` evaluations without
             improvement, and the best weights are restored at the end.
         steps, epochs: length of the run (at most one; default 1000 steps). An epoch is
-            ``N // batch_size`` steps.
-        batch_size, lr, weight_decay: Adam's settings; the learning rate rises linearly over
-            ``warmup`` steps, then stays (``schedule="constant"``) or decays to zero at the
-            last step along a half cosine (``"cosine"``).
+            ``N // (batch_size * world_size)`` steps.
+        batch_size, lr, weight_decay: Adam's settings (``batch_size`` per process: a
+            data-parallel step uses ``batch_size * world_size`` examples); the learning rate
+            rises linearly over ``warmup`` steps, then stays (``schedule="constant"``) or
+            decays to zero at the last step along a half cosine (``"cosine"``).
         clip_grad: maximum gradient norm (``None``: no clipping).
         eval_every: steps between evaluations and checkpoints (default: one epoch, at least
             25 and at most 500 steps).
@@ -198,7 +151,13 @@ def fit(
         seed: seeds batch order and dequantization noise.
         bf16: bfloat16 autocast (CUDA only). ``compile``: ``torch.compile`` the coupling
             networks in place (worth it on GPUs; compiling takes a while).
-        callback: ``callback(step, train_bpd)`` after every step.
+        callback: ``callback(step, train_bpd)`` after every step (in every process).
+        distributed: train data-parallel with ``DistributedDataParallel`` (``True``), in one
+            process (``False``), or when started by ``torchrun`` or inside an initialised
+            process group (``None``). Each process then uses ``cuda:LOCAL_RANK`` (NCCL) or
+            the CPU (gloo), trains on its shard of each global batch, and reports global
+            bits/dim; process 0 alone shows progress and writes the checkpoint. See
+            :mod:`pyro_flows_ext.train.distributed`.
 
     Raises:
         TrainingDivergedError: (a ``FloatingPointError``) when the loss, the gradient norm or
@@ -217,6 +176,8 @@ def fit(
     if steps is not None and epochs is not None:
         raise ValueError(f"give steps or epochs, not both (got steps={steps}, epochs={epochs})")
     dev = resolve_device(device)
+    if not (distributed is None or isinstance(distributed, bool)):
+        raise TypeError(f"distributed must be True, False or None, got {distributed!r}")
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     if bf16 and dev.type != "cuda":
@@ -227,21 +188,66 @@ def fit(
     for x in (x_train, x_valid):
         if x is not None:
             pre.validate(x)
-    batches = _Batches(x_train.shape[0], batch_size, seed)
+    if (steps is not None and int(steps) < 1) or (epochs is not None and int(epochs) < 1):
+        raise ValueError(f"steps/epochs must be positive, got steps={steps}, epochs={epochs}")
+    ctx = setup_distributed(distributed, dev)
+    try:
+        if x_train.shape[0] < batch_size * ctx.world_size and ctx.enabled:
+            raise ValueError(
+                f"a data-parallel step needs batch_size * world_size = "
+                f"{batch_size * ctx.world_size} training examples, got {x_train.shape[0]}"
+            )
+        return _train(
+            flow, x_train, x_valid, pre, ctx, steps=steps, epochs=epochs,
+            batch_size=batch_size, lr=lr, warmup=warmup, schedule=schedule,
+            weight_decay=weight_decay, clip_grad=clip_grad, eval_every=eval_every,
+            patience=patience, checkpoint=checkpoint, resume=resume, progress=progress,
+            seed=seed, bf16=bf16, compile=compile, callback=callback,
+        )  # fmt: skip
+    finally:
+        ctx.close()
+
+
+def _train(
+    flow: Flow,
+    x_train: Tensor,
+    x_valid: Tensor | None,
+    pre: Preprocess,
+    ctx: Distributed,
+    *,
+    steps: int | None,
+    epochs: int | None,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    schedule: str,
+    weight_decay: float,
+    clip_grad: float | None,
+    eval_every: int | None,
+    patience: int | None,
+    checkpoint: str | os.PathLike[str] | None,
+    resume: bool,
+    progress: bool,
+    seed: int,
+    bf16: bool,
+    compile: bool,
+    callback: Callable[[int, float], None] | None,
+) -> History:
+    """:func:`fit`'s loop, on arguments already checked, in the process view ``ctx``."""
+    dev = ctx.device
+    # one global batch per step, cut into world_size shards (see train.distributed)
+    batches = Batches(x_train.shape[0], batch_size * ctx.world_size, seed)
     if epochs is not None:
         steps = int(epochs) * batches.per_epoch
     total = 1000 if steps is None else int(steps)
-    if total < 1:
-        raise ValueError(f"steps/epochs must be positive, got steps={steps}, epochs={epochs}")
     every = eval_every or min(max(batches.per_epoch, 25), 500)
-    event_dim, dims = len(flow.event_shape), flow.num_dims
 
-    # a learned preprocessing (variational dequantization) trains with the flow
-    learned = pre if isinstance(pre, torch.nn.Module) else torch.nn.Module()
-    models = torch.nn.ModuleList([flow, learned]).to(dev)
-    data = _stage(x_train, dev)
-    optimizer = torch.optim.Adam(models.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(warmup, total, schedule))
+    # the loss as a module; a learned preprocessing (variational dequantization) trains with it
+    objective = Objective(flow, pre, bf16).to(dev)
+    learned = objective.learned
+    data = stage(x_train, dev)
+    optimizer = torch.optim.Adam(objective.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(warmup, total, schedule))
     history = History()
     step, bad_evals, saved = 0, 0, None
     best_state: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
@@ -266,30 +272,32 @@ def fit(
         history = History.from_dict(ckpt["history"])
         set_rng_state(ckpt["rng"])
     else:  # data-dependent initialisation (ActNorm) on a batch of training data
-        g = torch.Generator().manual_seed(_seed(seed, 2))
+        g = torch.Generator().manual_seed(seed_of(seed, 2))  # the same batch in every process
         idx = torch.randperm(x_train.shape[0], generator=g)[: max(batches.batch_size, 256)]
         with torch.no_grad():
             log_likelihood(flow, data[idx.to(data.device)].to(dev), pre, g)  # ActNorm init
 
     if compile:
-        _compile_conditioners(flow)
+        compile_conditioners(flow)
+    loss_fn = ctx.wrap(objective)  # DistributedDataParallel syncs process 0's state here
 
-    def loss_fn(x: Tensor, g: torch.Generator) -> Tensor:
-        y, log_det = pre(x.to(flow.base_loc.dtype), event_dim, g)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            lp = flow.log_prob(y)
-        return -(lp.float() + log_det.float()).mean() / (dims * math.log(2))
-
-    def evaluate() -> float:
+    def evaluate() -> float:  # global bits/dim: each process scores its shard
         assert x_valid is not None
-        return bits_per_dim(flow, x_valid, dequantize=pre, seed=_seed(seed, 3))
+        part, ll = ctx.shard(x_valid), 0.0
+        if part.shape[0]:
+            ll = -nll(flow, part, dequantize=pre, seed=seed_of(seed, 3, *ctx.rank_key))
+        total_ll, count = ctx.sum(ll * part.shape[0], part.shape[0])
+        return -total_ll / count / (flow.num_dims * math.log(2))
 
     def write() -> None:
         nonlocal saved
         if path is None:
             return
-        if not all(bool(torch.isfinite(p).all()) for p in models.parameters()):
+        if not all(bool(torch.isfinite(p).all()) for p in objective.parameters()):
             raise TrainingDivergedError(f"weights became NaN or infinite by step {step}", step)
+        saved = step
+        if not ctx.is_main:  # the replicas are identical: process 0 writes
+            return
         state = {
             "model": flow.state_dict(),
             "preprocess_state": learned.state_dict(),
@@ -303,10 +311,10 @@ def fit(
             "best_preprocess_state": None if best_state is None else best_state[1],
             "history": history.to_dict(),
             "rng": get_rng_state(),
-            "fit": {"steps": total, "batch_size": batch_size, "lr": lr, "seed": seed},
-        }
+            "fit": {"steps": total, "batch_size": batch_size, "lr": lr, "seed": seed,
+                    "world_size": ctx.world_size},
+        }  # fmt: skip
         save_checkpoint(path, state)
-        saved = step
 
     def diverged(what: str) -> TrainingDivergedError:
         where = (
@@ -322,21 +330,22 @@ def fit(
     from tqdm.auto import tqdm
 
     postfix: dict[str, str] = {}
-    bar = tqdm(total=total, initial=min(step, total), disable=not progress, unit="step")
+    show = progress and ctx.is_main
+    bar = tqdm(total=total, initial=min(step, total), disable=not show, unit="step")
     flow.train()
     try:
         while step < total and not history.stopped_early:
             start = time.perf_counter()
-            g = torch.Generator().manual_seed(_seed(seed, 1, step))
-            idx = batches.indices(step)
+            g = torch.Generator().manual_seed(seed_of(seed, 1, step, *ctx.rank_key))
+            idx = ctx.shard(batches.indices(step))
             x = data[idx.to(data.device)].to(dev, non_blocking=True)
             loss = loss_fn(x, g)
-            value = loss.item()
+            value = ctx.mean(loss)  # the global batch's bits/dim, the same in every process
             if not math.isfinite(value):
                 raise diverged(f"the loss is {value}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            params = [p for p in models.parameters() if p.grad is not None]
+            params = [p for p in objective.parameters() if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
             if not bool(torch.isfinite(norm)):
                 raise diverged(f"the gradient norm is {float(norm)}")
@@ -363,7 +372,7 @@ def fit(
                     history.valid_bpd.append(score)
                     if history.best_valid is None or score < history.best_valid:
                         history.best_valid, history.best_step, bad_evals = score, step, 0
-                        best_state = (_snapshot(flow), _snapshot(learned))
+                        best_state = (snapshot(flow), snapshot(learned))
                     else:
                         bad_evals += 1
                         history.stopped_early = patience is not None and bad_evals >= patience
@@ -374,6 +383,7 @@ def fit(
                 callback(step, value)
     finally:
         bar.close()
+    ctx.barrier()  # process 0's checkpoint is complete when fit returns anywhere
     if best_state is not None:
         flow.load_state_dict(best_state[0])
         learned.load_state_dict(best_state[1])
