@@ -1,0 +1,45 @@
+"""Flow guides for Pyro SVI and diagnostics of the posteriors they produce.
+
+* :class:`AutoCouplingFlow`: a Glow-style coupling-flow ``AutoContinuous`` guide that starts at
+  a Laplace approximation (or a diagonal Gaussian at ``init_loc_fn``'s point);
+* :class:`AutoConditionalCouplingFlow`: its amortised twin, conditioned on a context computed
+  from the observed data;
+* :class:`StickingTheLanding`: the path-derivative gradient for any reparameterised guide;
+* :func:`laplace_approximation`: mode and inverse-Hessian factor of a log density;
+* :func:`to_inference_data`, :func:`psis_khat`, :func:`importance_resample`: ArviZ
+  diagnostics of any guide (:mod:`pyro_flows_ext.infer.diagnostics`);
+* :func:`plot_pairs`: pair plot of guide draws against reference draws.
+"""
+
+from pyro_flows_ext.infer.affine import LowerAffine, PermuteTransform
+from pyro_flows_ext.infer.amortized import AutoConditionalCouplingFlow, ConditionalShift
+from pyro_flows_ext.infer.diagnostics import importance_resample, psis_khat, to_inference_data
+from pyro_flows_ext.infer.guide import AutoCouplingFlow
+from pyro_flows_ext.infer.importance import (
+    ImportanceDraws,
+    ParetoK,
+    importance_draws,
+    khat_verdict,
+)
+from pyro_flows_ext.infer.laplace import LaplaceResult, laplace_approximation
+from pyro_flows_ext.infer.plots import plot_pairs
+from pyro_flows_ext.infer.stl import StickingTheLanding
+
+__all__ = [
+    "AutoConditionalCouplingFlow",
+    "AutoCouplingFlow",
+    "ConditionalShift",
+    "ImportanceDraws",
+    "LaplaceResult",
+    "LowerAffine",
+    "ParetoK",
+    "PermuteTransform",
+    "StickingTheLanding",
+    "importance_draws",
+    "importance_resample",
+    "khat_verdict",
+    "laplace_approximation",
+    "plot_pairs",
+    "psis_khat",
+    "to_inference_data",
+]

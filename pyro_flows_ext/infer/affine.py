@@ -1,0 +1,166 @@
+"""The two parameter-light ends of the guide's flow: a preconditioned lower-triangular affine
+map and a fixed permutation."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pyro_flows_ext.transforms._base import CachedTransformModule, check_input
+
+__all__ = ["LowerAffine", "PermuteTransform", "half_swapping_permutation"]
+
+
+def half_swapping_permutation(dim: int, generator: torch.Generator | None = None) -> Tensor:
+    """A random permutation that moves the second half of ``D`` features (the part a ``half``
+    coupling transforms) to the front, where the next coupling conditions on it, and the first
+    half to the back (one of its features stays in front when ``D`` is odd).
+
+    Between couplings with the same split this makes every feature transformed at least every
+    other layer, as RealNVP's alternating masks do, while still shuffling the features; a
+    uniformly random permutation can hand the same half to two couplings in a row.
+
+    Example:
+        >>> p = half_swapping_permutation(5)
+        >>> sorted(p[:3].tolist()) in ([0, 3, 4], [1, 3, 4], [2, 3, 4])
+        True
+    """
+    first = (dim + 1) // 2  # the half the coupling leaves unchanged (parity 0)
+    kept = torch.randperm(first, generator=generator)
+    moved = first + torch.randperm(dim - first, generator=generator)
+    extra = kept[: first - (dim - first)]
+    return torch.cat([moved, extra, kept[len(extra) :]])
+
+
+class LowerAffine(CachedTransformModule):
+    """``x = c + P (a + B z)``: a learnable lower-triangular affine map behind a fixed one.
+
+    ``c`` (``center``) and the lower-triangular ``P`` (``preconditioner``) are fixed buffers;
+    ``a`` (``shift``) and ``B = diag(exp(log_diag)) + strictly_lower(off_diag)`` are learned.
+    The map is ``loc + L z`` with ``loc = c + P a`` and lower-triangular ``L = P B``
+    (:attr:`loc`, :attr:`scale_tril`). Learning ``a, B`` in the space whitened by ``P`` makes
+    Adam's steps the same size in every direction, however badly the target is scaled: a guide
+    sets ``c, P`` from a Laplace approximation and starts at ``a = 0, B = I``.
+
+    ``log|det| = sum(log diag P) + sum(log_diag)``.
+
+    Args:
+        dim: ``D``.
+        center: ``c``, shape ``(D,)`` (default 0).
+        preconditioner: ``P``, lower triangular with a positive diagonal (default ``I``).
+        init_scale: initial ``B = init_scale * I``.
+
+    Example:
+        >>> import torch
+        >>> t = LowerAffine(2, center=torch.ones(2), init_scale=0.5)
+        >>> t(torch.zeros(3, 2))[0].tolist(), t.scale_tril.diagonal().tolist()
+        ([1.0, 1.0], [0.5, 0.5])
+    """
+
+    center: Tensor
+    preconditioner: Tensor
+    precond_log_det: Tensor
+    strict_mask: Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        center: Tensor | None = None,
+        preconditioner: Tensor | None = None,
+        init_scale: float = 1.0,
+        cache_size: int = 1,
+    ) -> None:
+        super().__init__(event_dim=1, cache_size=cache_size)
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be positive, got {init_scale!r}")
+        self.dim = dim
+        center = torch.zeros(dim) if center is None else center.detach().clone()
+        precond = torch.eye(dim) if preconditioner is None else preconditioner.detach().clone()
+        if center.shape != (dim,) or precond.shape != (dim, dim):
+            raise ValueError(
+                f"center must have shape ({dim},) and preconditioner ({dim}, {dim}), "
+                f"got {tuple(center.shape)} and {tuple(precond.shape)}"
+            )
+        diag = precond.diagonal()
+        if not (torch.isfinite(precond).all() and (diag > 0).all()):
+            raise ValueError("preconditioner must be finite with a positive diagonal")
+        self.register_buffer("center", center)
+        self.register_buffer("preconditioner", torch.tril(precond))
+        self.register_buffer("precond_log_det", diag.log().sum())
+        self.register_buffer("strict_mask", torch.tril(torch.ones(dim, dim), -1))
+        self.shift = nn.Parameter(torch.zeros(dim, dtype=center.dtype))
+        self.log_diag = nn.Parameter(torch.full((dim,), float(init_scale)).log().to(center))
+        self.off_diag = nn.Parameter(torch.zeros(dim, dim, dtype=center.dtype))
+
+    def _check(self, x: Tensor, name: str) -> None:
+        check_input(x, (self.dim,), name)
+
+    def _inner(self) -> Tensor:
+        return self.off_diag * self.strict_mask + torch.diag(self.log_diag.exp())
+
+    @property
+    def loc(self) -> Tensor:
+        """``c + P a``."""
+        return self.center + self.preconditioner @ self.shift
+
+    @property
+    def scale_tril(self) -> Tensor:
+        """``L = P B``."""
+        return self.preconditioner @ self._inner()
+
+    def _log_det(self, x: Tensor) -> Tensor:
+        ld = self.precond_log_det + self.log_diag.sum()
+        return ld.expand(x.shape[:-1])
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.loc + x @ self.scale_tril.T, self._log_det(x)
+
+    def _backward(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        # z = L^{-1} (y - loc), i.e. z^T = (y - loc)^T L^{-T}: a right-sided triangular solve
+        rhs = (y - self.loc).reshape(-1, self.dim)
+        z = torch.linalg.solve_triangular(self.scale_tril.T, rhs, upper=True, left=False)
+        return z.reshape(y.shape), self._log_det(y)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class PermuteTransform(CachedTransformModule):
+    """A fixed permutation of the features, ``y = x[..., perm]`` (``log|det| = 0``); the
+    permutation is a buffer, so it follows ``.to(device)`` and ``state_dict``.
+
+    Args:
+        dim: ``D``.
+        perm: the permutation (default: :func:`half_swapping_permutation`).
+
+    Example:
+        >>> import torch
+        >>> t = PermuteTransform(4)
+        >>> x = torch.randn(2, 4)
+        >>> torch.equal(t.inv(t(x)), x)
+        True
+    """
+
+    perm: Tensor
+    inv_perm: Tensor
+
+    def __init__(self, dim: int, perm: Tensor | None = None, cache_size: int = 1) -> None:
+        super().__init__(event_dim=1, cache_size=cache_size)
+        self.dim = dim
+        perm = half_swapping_permutation(dim) if perm is None else perm.long()
+        if sorted(perm.tolist()) != list(range(dim)):
+            raise ValueError(f"perm must be a permutation of 0..{dim - 1}, got {perm.tolist()}")
+        self.register_buffer("perm", perm)
+        self.register_buffer("inv_perm", torch.argsort(perm))
+
+    def _check(self, x: Tensor, name: str) -> None:
+        check_input(x, (self.dim,), name)
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x[..., self.perm], x.new_zeros(x.shape[:-1])
+
+    def _backward(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return y[..., self.inv_perm], y.new_zeros(y.shape[:-1])
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"

@@ -1,0 +1,306 @@
+"""Importance weights of a guide's draws against its model, and their PSIS :math:`\\hat k`.
+
+For draws :math:`z_s \\sim q` (the guide, in the constrained space) the log importance weights
+are
+
+.. math:: \\log w_s = \\log p(x, z_s) - \\log q(z_s),
+
+computed from Pyro traces: the guide is traced, the model replayed on its values, and every
+site's ``log_prob`` (scales and masks included) summed per draw. The draws are vectorised over
+a particle plate left of the model's plates when the model allows it (checked against one
+unvectorised evaluation), else taken one at a time.
+
+Pareto smoothed importance sampling (PSIS, Vehtari et al. 2024) fits a generalised Pareto
+distribution to the largest weights; its shape :math:`\\hat k` says how far the guide is from
+the posterior (Yao et al. 2018): below 0.5 the guide is good, between 0.5 and 0.7 it is usable
+with PSIS-corrected estimates, above 0.7 do not trust it. A small :math:`\\hat k` can still
+hide a guide that misses a region the posterior puts mass on (the weights only see where q
+samples): compare with reference draws when you have them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+from pyro_flows_ext.infer._traces import max_plate_nesting, per_particle_log_prob
+
+__all__ = ["ImportanceDraws", "ParetoK", "importance_draws", "khat_verdict"]
+
+logger = logging.getLogger(__name__)
+
+_PARTICLES = "_diagnostic_particles"
+
+
+def _arviz() -> Any:
+    """Import ArviZ, silencing the FutureWarning that 0.2x prints about its 1.0 refactor."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="arviz")
+        import arviz
+
+    return arviz
+
+
+def khat_verdict(khat: float) -> str:
+    """Yao et al. (2018)'s reading of a Pareto :math:`\\hat k`.
+
+    Example:
+        >>> khat_verdict(0.3), khat_verdict(0.6), khat_verdict(0.9)
+        ('good', 'usable with PSIS', 'do not trust')
+    """
+    if not khat < 0.7:  # also catches NaN
+        return "do not trust"
+    return "good" if khat < 0.5 else "usable with PSIS"
+
+
+@dataclass(frozen=True)
+class ParetoK:
+    """A Pareto :math:`\\hat k` with its reading; ``float(k)`` gives the number (``-inf`` when
+    all weights are equal, as for an exact guide; ``inf`` when none is finite)."""
+
+    khat: float
+    num_samples: int
+
+    @property
+    def verdict(self) -> str:
+        """``"good"`` (< 0.5), ``"usable with PSIS"`` (0.5-0.7) or ``"do not trust"``."""
+        return khat_verdict(self.khat)
+
+    def __float__(self) -> float:
+        return self.khat
+
+    def __str__(self) -> str:
+        detail = {
+            "good": "the guide is close to the posterior",
+            "usable with PSIS": "use PSIS-reweighted estimates (importance_resample)",
+            "do not trust": "the guide is far from the posterior; do not use its draws",
+        }[self.verdict]
+        return (
+            f"Pareto k-hat = {self.khat:.3f} from {self.num_samples} draws: {self.verdict} "
+            f"({detail})"
+        )
+
+
+@dataclass
+class ImportanceDraws:
+    """Guide draws with their log importance weights.
+
+    Attributes:
+        latents: constrained latent sites, ``name -> (S, *shape)``.
+        deterministic: ``pyro.deterministic`` sites, ``name -> (S, *shape)``.
+        log_p: :math:`\\log p(x, z_s)`, shape ``(S,)``.
+        log_q: :math:`\\log q(z_s)`, shape ``(S,)``.
+        observed: observed sites, ``name -> value``.
+        dims: axis names of every site (plate names where a plate indexes the axis).
+        vectorized: whether the draws were vectorised.
+    """
+
+    latents: dict[str, Tensor]
+    deterministic: dict[str, Tensor]
+    log_p: Tensor
+    log_q: Tensor
+    observed: dict[str, Tensor]
+    dims: dict[str, list[str]] = field(default_factory=dict)
+    vectorized: bool = True
+    _replay: Callable[[Callable], Any] | None = field(default=None, repr=False)
+
+    @property
+    def log_weights(self) -> Tensor:
+        """:math:`\\log p(x, z_s) - \\log q(z_s)` (NaN becomes ``-inf``)."""
+        return (self.log_p - self.log_q).nan_to_num(nan=-math.inf)
+
+    def psis(self) -> tuple[np.ndarray, ParetoK]:
+        """PSIS-smoothed normalised log weights (numpy) and :math:`\\hat k` (ArviZ ``psislw``)."""
+        lw = self.log_weights.detach().cpu().double().numpy()
+        uniform = np.full_like(lw, -np.log(len(lw)))
+        if not np.isfinite(lw).any():
+            return uniform, ParetoK(math.inf, len(lw))
+        if np.ptp(lw) <= 1e-12 * max(1.0, float(np.abs(lw).max())):
+            # equal weights (an exact guide): bounded, i.e. k < 0; the Pareto fit is undefined
+            return uniform, ParetoK(-math.inf, len(lw))
+        smoothed, khat = _arviz().psislw(lw)
+        return np.asarray(smoothed), ParetoK(float(khat), len(lw))
+
+
+# ------------------------------------------------------------------------------ traces ----
+def _value(site: Any) -> Tensor:
+    value: Tensor = site["value"]
+    return value
+
+
+def _is_latent(site: Any) -> bool:
+    return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+
+
+def _is_deterministic(site: Any) -> bool:
+    return site["type"] == "sample" and bool(site["infer"].get("_deterministic"))
+
+
+def _is_observed(site: Any) -> bool:
+    return (
+        site["type"] == "sample"
+        and site["is_observed"]
+        and not site["infer"].get("_deterministic")
+        and not site["infer"].get("is_auxiliary")
+    )
+
+
+def _traces(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    with poutine.block():
+        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+    return model_tr, guide_tr
+
+
+def _site_dims(name: str, site: dict[str, Any]) -> list[str]:
+    shape = site["value"].shape
+    dims = [f"{name}_dim_{i}" for i in range(len(shape))]
+    batch_len = len(shape) - site["fn"].event_dim
+    for frame in site["cond_indep_stack"]:
+        if frame.vectorized and 0 <= batch_len + frame.dim < len(dims):
+            dims[batch_len + frame.dim] = frame.name
+    return dims
+
+
+def _as_draws(value: Tensor, num: int, shape: torch.Size) -> Tensor:
+    size = math.prod(shape)
+    if value.numel() == num * size:
+        return value.reshape((num, *shape))
+    if value.numel() == size:
+        return value.reshape(shape).expand((num, *shape))
+    raise ValueError(f"cannot read {num} draws of shape {tuple(shape)} from {tuple(value.shape)}")
+
+
+def _check_structure(model_tr: Any, guide_tr: Any) -> None:
+    latents = [n for n, s in model_tr.nodes.items() if _is_latent(s)]
+    if not latents:
+        raise ValueError("the model has no latent sample sites: there is nothing to diagnose")
+    missing = [n for n in latents if n not in guide_tr.nodes]
+    if missing:
+        raise ValueError(f"the guide does not sample the model's latent sites {missing}")
+
+
+def _vectorized(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, num: int, proto: Any
+) -> ImportanceDraws:
+    nesting = max_plate_nesting(proto)
+    dim = -(nesting + 1)
+
+    def vec(fn: Callable) -> Callable:
+        def wrapped(*a: Any, **k: Any) -> Any:
+            with pyro.plate(_PARTICLES, num, dim=dim):
+                return fn(*a, **k)
+
+        return wrapped
+
+    with poutine.block():
+        guide_tr = poutine.trace(vec(guide)).get_trace(*args, **kwargs)
+        model_tr = poutine.trace(poutine.replay(vec(model), trace=guide_tr)).get_trace(
+            *args, **kwargs
+        )
+    log_p, log_q = (
+        per_particle_log_prob(model_tr, num, dim),
+        per_particle_log_prob(guide_tr, num, dim),
+    )
+    latents: dict[str, Tensor] = {}
+    determ: dict[str, Tensor] = {}
+    for name, site in proto.nodes.items():
+        if _is_latent(site) or _is_deterministic(site):
+            draws = _as_draws(_value(model_tr.nodes[name]), num, site["value"].shape)
+            (latents if _is_latent(site) else determ)[name] = draws
+    # the model must vectorise: check the first draw against an unvectorised evaluation
+    first = {k: v[0] for k, v in latents.items()}
+    with poutine.block():
+        check_tr = poutine.trace(poutine.condition(model, data=first)).get_trace(*args, **kwargs)
+    got, expected = float(log_p[0]), float(check_tr.log_prob_sum())
+    if not math.isclose(got, expected, rel_tol=1e-4, abs_tol=1e-3 * (1 + abs(expected))):
+        raise ValueError(
+            f"vectorised log p(x, z) {got} differs from the unvectorised {expected}: the "
+            f"model does not vectorise over a particle plate"
+        )
+
+    def replay(fn: Callable) -> Any:
+        with poutine.block():
+            return poutine.trace(poutine.replay(vec(fn), trace=guide_tr)).get_trace(*args, **kwargs)
+
+    return ImportanceDraws(latents, determ, log_p, log_q, {}, _replay=replay)
+
+
+def _looped(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, num: int, proto: Any
+) -> ImportanceDraws:
+    log_p, log_q = [], []
+    values: dict[str, list[Tensor]] = {}
+    for _ in range(num):
+        model_tr, guide_tr = _traces(model, guide, args, kwargs)
+        log_p.append(model_tr.log_prob_sum())
+        log_q.append(guide_tr.log_prob_sum())
+        for name, site in model_tr.nodes.items():
+            if _is_latent(site) or _is_deterministic(site):
+                values.setdefault(name, []).append(site["value"])
+    latents = {k: torch.stack(v) for k, v in values.items() if _is_latent(proto.nodes[k])}
+    determ = {k: torch.stack(v) for k, v in values.items() if k not in latents}
+    return ImportanceDraws(
+        latents, determ, torch.stack(log_p), torch.stack(log_q), {}, vectorized=False
+    )
+
+
+@torch.no_grad()
+def importance_draws(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_samples: int = 1000,
+    vectorize: bool | None = None,
+    **kwargs: Any,
+) -> ImportanceDraws:
+    """Draw ``num_samples`` latents from ``guide`` with their log importance weights.
+
+    Args:
+        model, guide: a Pyro model and a guide for it, called with ``*args, **kwargs``.
+        num_samples: draws ``S``.
+        vectorize: ``True`` to require a vectorised evaluation, ``False`` to loop, ``None``
+            (default) to try vectorising and loop if the model does not allow it.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+        >>> def guide():
+        ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+        >>> d = importance_draws(model, guide, num_samples=10)
+        >>> d.latents["x"].shape, float(d.log_weights.abs().max())
+        (torch.Size([10]), 0.0)
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
+    proto, proto_guide = _traces(model, guide, args, kwargs)
+    _check_structure(proto, proto_guide)
+    result: ImportanceDraws | None = None
+    if vectorize is not False:
+        try:
+            result = _vectorized(model, guide, args, kwargs, num_samples, proto)
+        except (ValueError, RuntimeError, IndexError, NotImplementedError) as err:
+            if vectorize:
+                raise
+            logger.info("importance_draws: not vectorised (%s); looping over draws", err)
+    if result is None:
+        result = _looped(model, guide, args, kwargs, num_samples, proto)
+    result.observed = {n: s["value"] for n, s in proto.nodes.items() if _is_observed(s)}
+    result.dims = {
+        n: _site_dims(n, s)
+        for n, s in proto.nodes.items()
+        if _is_latent(s) or _is_deterministic(s) or _is_observed(s)
+    }
+    return result

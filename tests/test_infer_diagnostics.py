@@ -1,0 +1,206 @@
+"""Diagnostics: importance weights, PSIS k-hat, importance resampling, InferenceData, plots."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_flows_ext.infer import (
+    AutoCouplingFlow,
+    ParetoK,
+    importance_draws,
+    importance_resample,
+    khat_verdict,
+    plot_pairs,
+    psis_khat,
+    to_inference_data,
+)
+from pyro_flows_ext.infer.importance import _arviz
+from pyro_flows_ext.infer.plots import flatten_components
+
+matplotlib.use("Agg")
+
+Y = torch.tensor([1.0, 2.5, 0.5, 2.0])
+
+
+@pytest.fixture(autouse=True)
+def _fresh() -> None:
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    torch.set_num_threads(1)
+
+
+def normal_model() -> None:
+    pyro.sample("x", dist.Normal(0.0, 1.0))
+
+
+def exact_guide() -> None:
+    pyro.sample("x", dist.Normal(0.0, 1.0))
+
+
+def wide_guide() -> None:
+    pyro.sample("x", dist.Normal(0.1, 1.1))
+
+
+def bad_guide() -> None:
+    pyro.sample("x", dist.Normal(2.5, 0.3))
+
+
+def hierarchical(y: torch.Tensor) -> None:
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    sigma = pyro.sample("sigma", dist.HalfNormal(2.0))
+    w = pyro.sample("w", dist.Dirichlet(torch.ones(3)))
+    with pyro.plate("groups", len(y)):
+        theta = pyro.sample("theta", dist.Normal(mu, sigma))
+        pyro.deterministic("theta_sq", theta**2)
+        pyro.sample("y", dist.Normal(theta, 1.0 + w[..., 0]), obs=y)
+
+
+def hierarchical_guide() -> AutoCouplingFlow:
+    return AutoCouplingFlow(hierarchical, num_layers=1, init="loc", init_scale=0.5)
+
+
+# ------------------------------------------------------------------ k-hat -----------------
+def test_khat_is_small_for_the_exact_guide_and_large_for_a_bad_one() -> None:
+    exact = psis_khat(normal_model, exact_guide, num_samples=2000)
+    good = psis_khat(normal_model, wide_guide, num_samples=2000)
+    bad = psis_khat(normal_model, bad_guide, num_samples=2000)
+    assert isinstance(good, ParetoK) and good.num_samples == 2000
+    assert float(exact) == -math.inf and exact.verdict == "good"  # equal weights
+    # arviz 0.23's psislw takes log weights as they are: bounded weights give a small k-hat
+    assert float(good) < 0.3 and good.verdict == "good"
+    assert float(bad) > 0.7 and bad.verdict == "do not trust"
+    assert "do not trust" in str(bad) and "k-hat" in str(good)
+
+
+def test_psislw_convention_is_pinned() -> None:
+    # heavy right tail of the weights (a too-narrow guide) must give a large k-hat; if the
+    # function negated its input (arviz-stats 1.x), the light left tail would give a small one
+    # (weights w = 1 + Lomax(1.25) have a Pareto tail with k = 0.8)
+    rng = np.random.default_rng(0)
+    log_w = np.log1p(rng.pareto(1.25, 4000))
+    _, khat = _arviz().psislw(log_w)
+    assert 0.7 < float(khat) < 1.2
+
+
+@pytest.mark.parametrize(
+    ("k", "verdict"),
+    [(0.1, "good"), (0.55, "usable with PSIS"), (0.71, "do not trust"), (math.nan, "do not trust")],
+)
+def test_khat_verdicts(k: float, verdict: str) -> None:
+    assert khat_verdict(k) == verdict
+
+
+# ------------------------------------------------------------------ importance draws ------
+def test_vectorised_and_looped_weights_agree_with_direct_evaluation() -> None:
+    guide = hierarchical_guide()
+    guide.initialize(Y)
+    vec = importance_draws(hierarchical, guide, Y, num_samples=50)
+    loop = importance_draws(hierarchical, guide, Y, num_samples=5, vectorize=False)
+    assert vec.vectorized and not loop.vectorized
+    for d in (vec, loop):
+        assert d.latents["theta"].shape[1:] == (4,) and d.latents["w"].shape[1:] == (3,)
+        assert d.deterministic["theta_sq"].shape[1:] == (4,)
+        s = 1
+        data = {k: v[s] for k, v in d.latents.items()}
+        tr = pyro.poutine.trace(pyro.poutine.condition(hierarchical, data=data)).get_trace(Y)
+        assert torch.allclose(d.log_p[s], tr.log_prob_sum(), rtol=1e-4)
+    assert torch.isfinite(vec.log_weights).all()
+    assert vec.dims["theta"] == ["groups"] and vec.dims["y"] == ["groups"]
+
+
+def test_a_model_that_does_not_vectorise_is_looped() -> None:
+    def model() -> None:
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(float(x.sum()), 1.0), obs=torch.tensor(0.5))
+
+    def guide() -> None:
+        pyro.sample("x", dist.Normal(0.2, 0.8))
+
+    d = importance_draws(model, guide, num_samples=20)
+    assert not d.vectorized and d.log_p.shape == (20,)
+    with pytest.raises((ValueError, RuntimeError)):
+        importance_draws(model, guide, num_samples=20, vectorize=True)
+
+
+def test_importance_resampling_corrects_a_shifted_guide() -> None:
+    def model() -> None:
+        pyro.sample("x", dist.Normal(1.0, 1.0))
+
+    def guide() -> None:
+        pyro.sample("x", dist.Normal(0.3, 1.5))
+
+    draws = importance_resample(model, guide, num_samples=8000, num_draws=3000)
+    assert draws["x"].shape == (3000,)
+    assert abs(draws["x"].mean().item() - 1.0) < 0.1
+    assert abs(draws["x"].std().item() - 1.0) < 0.1
+
+
+# ------------------------------------------------------------------ InferenceData ---------
+def test_inference_data_groups_names_and_shapes() -> None:
+    guide = hierarchical_guide()
+    idata = to_inference_data(hierarchical, guide, Y, num_samples=100)
+    assert set(idata.groups()) == {
+        "posterior",
+        "sample_stats",
+        "observed_data",
+        "posterior_predictive",
+    }
+    post = idata.posterior
+    assert set(post.data_vars) == {"mu", "sigma", "w", "theta", "theta_sq"}
+    assert post["mu"].shape == (1, 100) and post["w"].shape == (1, 100, 3)
+    assert post["theta"].dims == ("chain", "draw", "groups")
+    assert (post["sigma"] > 0).all() and np.allclose(post["w"].sum("w_dim_0"), 1.0, atol=1e-5)
+    stats = idata.sample_stats
+    assert stats["log_weight"].shape == (1, 100)
+    assert np.allclose(stats["log_weight"], stats["lp"] - stats["log_q"])
+    assert stats.attrs["pareto_k"] >= 0 or math.isinf(stats.attrs["pareto_k"])
+    assert idata.observed_data["y"].shape == (4,)
+    assert idata.posterior_predictive["y"].shape == (1, 100, 4)
+    summary = _arviz().summary(idata, var_names=["mu", "theta"], kind="stats")
+    assert list(summary.index) == ["mu"] + [f"theta[{i}]" for i in range(4)]
+
+
+def test_inference_data_without_observations() -> None:
+    idata = to_inference_data(normal_model, exact_guide, num_samples=20)
+    assert set(idata.groups()) == {"posterior", "sample_stats"}
+    assert idata.posterior["x"].shape == (1, 20)
+
+
+def test_bad_input_is_a_clear_error() -> None:
+    def no_latents() -> None:
+        pyro.sample("y", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
+
+    with pytest.raises(ValueError, match="no latent"):
+        psis_khat(no_latents, lambda: None, num_samples=10)
+    with pytest.raises(ValueError, match="does not sample"):
+        psis_khat(hierarchical, lambda y: None, Y, num_samples=10)
+    with pytest.raises(ValueError, match="num_samples"):
+        psis_khat(normal_model, exact_guide, num_samples=1)
+
+
+# ------------------------------------------------------------------ plots -----------------
+def test_pair_plot_of_guide_draws_against_reference() -> None:
+    rng = np.random.default_rng(0)
+    draws = {"a": rng.normal(size=300), "b": torch.randn(300, 2)}
+    ref = {"a": rng.normal(size=500), "b": rng.normal(size=(500, 2))}
+    fig = plot_pairs(draws, ref, max_components=2)
+    assert len(fig.axes) == 4
+    names, x = flatten_components(draws)
+    assert names == ["a", "b[0]", "b[1]"] and x.shape == (300, 3)
+    with pytest.raises(ValueError, match="not among"):
+        plot_pairs(draws, var_names=["c"])
+    with pytest.raises(TypeError, match="mapping"):
+        plot_pairs([1, 2, 3])
+
+
+def test_pair_plot_of_inference_data() -> None:
+    idata = to_inference_data(normal_model, exact_guide, num_samples=50)
+    fig = plot_pairs(idata)
+    assert len(fig.axes) == 1
