@@ -19,16 +19,6 @@ TINY = ["--steps", "6", "--depth", "1", "--hidden", "4", "--eval-every", "3", "-
         "--no-progress"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small flows run fastest on one thread, and a busy machine makes more threads much
-    slower; the CLI also sets the thread count, which is restored here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("digits")

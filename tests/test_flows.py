@@ -12,17 +12,6 @@ import pyro_flows_ext
 from pyro_flows_ext.flows import Flow, build_flow, glow, realnvp
 from pyro_flows_ext.transforms import ActNorm, affine_coupling
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small flows run fastest on one thread, and a busy machine makes more threads much
-    slower; the CLI also sets the thread count, which is restored here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # small configurations of every builder, one test id each
 CASES = {
     "glow-image": lambda: glow((1, 8, 8), steps=2, hidden_channels=8),
