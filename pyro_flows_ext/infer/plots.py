@@ -125,12 +125,14 @@ def plot_pairs(
                 ax.set_axis_off()
                 continue
             if i == j:
+                both = x[:, i] if ref is None else np.concatenate([x[:, i], ref[:, i]])
+                bins = np.histogram_bin_edges(both[np.isfinite(both)], bins=40)
                 if ref is not None:
                     ax.hist(
-                        ref[:, i], bins=40, density=True, color="0.6", alpha=0.6, label=labels[1]
+                        ref[:, i], bins=bins, density=True, color="0.6", alpha=0.6, label=labels[1]
                     )
                 ax.hist(
-                    x[:, i], bins=40, density=True, histtype="step", color="C0", label=labels[0]
+                    x[:, i], bins=bins, density=True, histtype="step", color="C0", label=labels[0]
                 )
                 ax.set_yticks([])
             else:
