@@ -33,7 +33,6 @@ Y = torch.tensor([1.0, 2.5, 0.5, 2.0])
 def _fresh() -> None:
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    torch.set_num_threads(1)
 
 
 def normal_model() -> None:

@@ -30,7 +30,6 @@ MEAN = torch.tensor([1.0, -2.0])
 def _fresh() -> None:
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    torch.set_num_threads(1)
 
 
 def gaussian_model() -> None:

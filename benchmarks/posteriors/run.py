@@ -131,12 +131,18 @@ def _fmt(x: Any, width: int = 9) -> str:
     return f"{str(x):>{width}}"
 
 
+def _diverged(error: str) -> bool:
+    """Whether a fit stopped because a value became NaN (Pyro's validation reports it as
+    "found invalid values")."""
+    return "nan" in error.lower() or "invalid values" in error
+
+
 COLUMNS = ("guide", "mean_err", "log_sd", "swd", "khat", "cpu_s", "elbo", "init")
 
 
 def _cells(row: dict[str, Any]) -> list[Any]:
     if "error" in row:
-        failed = "diverged" if "nan" in row["error"].lower() else "error"
+        failed = "diverged" if _diverged(row["error"]) else "error"
         return [row["guide"], failed, "", "", "", "", "", ""]
     return [
         row["guide"],
@@ -191,7 +197,7 @@ def summary(rows: list[dict[str, Any]], ours: str = "coupling_flow") -> str:
         return value if isinstance(value, float) and math.isfinite(value) else math.inf
 
     lines = [
-        "| posterior | best by swd | best by mean_err | ours: khat | ours / iaf time |",
+        "| posterior | best by swd | best by mean_err | ours: khat | ours / iaf cpu time |",
         "|---|---|---|---|---|",
     ]
     wins_swd = wins_mean = khat_ok = total = 0
@@ -222,8 +228,41 @@ def summary(rows: list[dict[str, Any]], ours: str = "coupling_flow") -> str:
     return "\n".join(lines) + "\n"
 
 
+def compact(rows: list[dict[str, Any]], guides: tuple[str, ...] = DEFAULT_GUIDES) -> str:
+    """One row per posterior, one cell per guide: ``mean err / k-hat / cpu s``; bold marks
+    the smallest sliced Wasserstein distance."""
+    by_post: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_post.setdefault(row["posterior"], {})[row["guide"]] = row
+    lines = [
+        "| posterior | " + " | ".join(f"{g}: mean err / k-hat / cpu s" for g in guides) + " |",
+        "|---" * (len(guides) + 1) + "|",
+    ]
+    for name, found in by_post.items():
+        swd = {
+            g: r["sliced_wasserstein"]
+            for g, r in found.items()
+            if "error" not in r and math.isfinite(r["sliced_wasserstein"])
+        }
+        best = min(swd, key=lambda g: swd[g]) if swd else None
+        cells = []
+        for g in guides:
+            r = found.get(g)
+            if r is None:
+                cells.append("-")
+            elif "error" in r:
+                cells.append("failed (NaN)" if _diverged(r["error"]) else "failed")
+            else:
+                seconds = r.get("cpu_seconds", r["seconds"])
+                text = f"{r['max_mean_error']:.3g} / {r['khat']:.2f} / {seconds:.0f}"
+                cells.append(f"**{text}**" if g == best else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _write(tag: str, rows: list[dict[str, Any]], header: str) -> None:
-    (RESULTS / f"{tag}.md").write_text(markdown(rows, header) + "\n" + summary(rows))
+    text = [markdown(rows, header), compact(rows), summary(rows)]
+    (RESULTS / f"{tag}.md").write_text("\n".join(text))
 
 
 def main(argv: list[str] | None = None) -> int:

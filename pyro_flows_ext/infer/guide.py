@@ -343,7 +343,7 @@ class AutoCouplingFlow(AutoContinuous):
         (and of any flow whose layers are elementwise monotone); for a trained flow it is a
         central point, not necessarily the marginal medians (see :meth:`quantiles`)."""
         self.initialize(*args, **kwargs)
-        z = self._base_loc
+        z = self._base_loc.clone()  # a fresh tensor: never a cache hit on an earlier call
         for t in self._flow(*args, **kwargs):
             z = t(z)
         return {k: v[0] for k, v in self._constrained(z[None]).items()}
