@@ -8,8 +8,8 @@ from typing import Any
 from pyro.distributions.torch_transform import ComposeTransformModule
 from torch.distributions import Transform
 
+from pyro_flows_ext.checks import EventShape, as_event_shape
 from pyro_flows_ext.transforms import FactorOut, SqueezeTransform
-from pyro_flows_ext.transforms._base import EventShape, as_event_shape
 
 __all__ = [
     "check_levels",

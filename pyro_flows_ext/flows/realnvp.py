@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch.distributions import Transform
 
+from pyro_flows_ext.checks import EventShape, as_event_shape
 from pyro_flows_ext.flows._common import (
     check_levels,
     check_positive,
@@ -15,7 +16,6 @@ from pyro_flows_ext.flows._common import (
 )
 from pyro_flows_ext.flows.flow import Flow
 from pyro_flows_ext.transforms import ActNorm, SplitPrior, affine_coupling
-from pyro_flows_ext.transforms._base import EventShape, as_event_shape
 
 __all__ = ["realnvp"]
 

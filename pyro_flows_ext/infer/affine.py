@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pyro_flows_ext.transforms._base import CachedTransformModule, check_input
+from pyro_flows_ext.checks import check_input
+from pyro_flows_ext.transforms._base import CachedTransformModule
 
 __all__ = ["LowerAffine", "PermuteTransform", "half_swapping_permutation"]
 

@@ -16,33 +16,9 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import constraints
 
-__all__ = [
-    "CachedTransformModule",
-    "EventShape",
-    "as_event_shape",
-    "check_input",
-    "event_constraint",
-    "sum_event",
-]
+from pyro_flows_ext.checks import check_input
 
-EventShape = tuple[int, ...]
-
-
-def as_event_shape(shape: int | tuple[int, ...] | list[int] | torch.Size) -> EventShape:
-    """Normalise ``D`` (vectors) or ``(C, H, W)`` (images) to a tuple, with clear errors."""
-    if isinstance(shape, bool):
-        raise TypeError(f"event shape must be an int D or a tuple (C, H, W), got {shape!r}")
-    if isinstance(shape, int):
-        shape = (shape,)
-    if not isinstance(shape, tuple | list | torch.Size):
-        raise TypeError(f"event shape must be an int D or a tuple (C, H, W), got {shape!r}")
-    shape = tuple(shape)
-    if len(shape) not in (1, 3) or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise ValueError(
-            f"event shape must be a positive int D or a tuple (C, H, W) of positive ints, "
-            f"got {shape!r}"
-        )
-    return shape
+__all__ = ["CachedTransformModule", "event_constraint", "sum_event"]
 
 
 def event_constraint(event_dim: int) -> constraints.Constraint:
@@ -53,24 +29,6 @@ def event_constraint(event_dim: int) -> constraints.Constraint:
 def sum_event(t: Tensor, event_dim: int) -> Tensor:
     """Sum the rightmost ``event_dim`` dimensions."""
     return t.sum(tuple(range(-event_dim, 0))) if event_dim else t
-
-
-def check_input(x: Any, event_shape: tuple[int | None, ...], name: str = "input") -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``x`` is a floating tensor ending in
-    ``event_shape`` (``None`` entries accept any size)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
-    n = len(event_shape)
-    tail = tuple(x.shape[-n:]) if x.dim() >= n else tuple(x.shape)
-    ok = x.dim() >= n and all(e is None or e == s for e, s in zip(event_shape, tail, strict=True))
-    if not ok:
-        want = "(" + ", ".join("*" if e is None else str(e) for e in event_shape) + ")"
-        raise ValueError(
-            f"{name} must have event shape {want} in its last {n} dims, "
-            f"got a tensor of shape {tuple(x.shape)}"
-        )
 
 
 class _Entry(NamedTuple):

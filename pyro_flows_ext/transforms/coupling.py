@@ -21,13 +21,9 @@ import torch.nn.functional as F
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
 
+from pyro_flows_ext.checks import EventShape, as_event_shape, check_input
 from pyro_flows_ext.nn import ConvNet, mlp
-from pyro_flows_ext.transforms._base import (
-    CachedTransformModule,
-    EventShape,
-    as_event_shape,
-    check_input,
-)
+from pyro_flows_ext.transforms._base import CachedTransformModule
 from pyro_flows_ext.transforms.masks import Partition, make_partition
 
 __all__ = [

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from pyro.distributions.torch_transform import ComposeTransformModule
 
-from pyro_flows_ext.transforms._base import EventShape, as_event_shape
+from pyro_flows_ext.checks import EventShape, as_event_shape
 from pyro_flows_ext.transforms.actnorm import ActNorm
 from pyro_flows_ext.transforms.coupling import affine_coupling
 from pyro_flows_ext.transforms.invertible import invertible_linear

@@ -20,12 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pyro_flows_ext.transforms._base import (
-    CachedTransformModule,
-    EventShape,
-    as_event_shape,
-    check_input,
-)
+from pyro_flows_ext.checks import EventShape, as_event_shape, check_input
+from pyro_flows_ext.transforms._base import CachedTransformModule
 
 __all__ = ["InvertibleConv1x1", "InvertibleLinear", "invertible_conv1x1", "invertible_linear"]
 

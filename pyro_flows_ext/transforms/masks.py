@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pyro_flows_ext.transforms._base import EventShape
+from pyro_flows_ext.checks import EventShape
 
 __all__ = ["MASKS", "MaskPartition", "Partition", "SlicePartition", "make_partition"]
 

@@ -23,13 +23,9 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Transform
 
+from pyro_flows_ext.checks import EventShape, as_event_shape, check_input
 from pyro_flows_ext.nn import ZeroConv2d
-from pyro_flows_ext.transforms._base import (
-    CachedTransformModule,
-    EventShape,
-    as_event_shape,
-    check_input,
-)
+from pyro_flows_ext.transforms._base import CachedTransformModule
 from pyro_flows_ext.transforms.coupling import AffineCoupling
 from pyro_flows_ext.transforms.masks import SlicePartition
 

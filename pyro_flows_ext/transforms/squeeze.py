@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from torch import Tensor
 from torch.distributions import Transform
 
-from pyro_flows_ext.transforms._base import check_input, event_constraint
+from pyro_flows_ext.checks import check_input
+from pyro_flows_ext.transforms._base import event_constraint
 
 __all__ = ["SqueezeTransform"]
 
