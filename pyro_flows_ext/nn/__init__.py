@@ -1,5 +1,19 @@
 """Conditioner networks for coupling layers."""
 
-from pyro_flows_ext.nn.conditioners import ConvNet, ZeroConv2d, mlp, zero_last_layer_
+from pyro_flows_ext.nn.conditioners import (
+    HIDDEN_CHANNELS,
+    ConvNet,
+    ZeroConv2d,
+    default_hidden_dims,
+    mlp,
+    zero_last_layer_,
+)
 
-__all__ = ["ConvNet", "ZeroConv2d", "mlp", "zero_last_layer_"]
+__all__ = [
+    "HIDDEN_CHANNELS",
+    "ConvNet",
+    "ZeroConv2d",
+    "default_hidden_dims",
+    "mlp",
+    "zero_last_layer_",
+]

@@ -13,7 +13,31 @@ import torch
 from pyro.nn import ConditionalDenseNN, DenseNN
 from torch import Tensor, nn
 
-__all__ = ["ConvNet", "ZeroConv2d", "mlp", "zero_last_layer_"]
+__all__ = [
+    "HIDDEN_CHANNELS",
+    "ConvNet",
+    "ZeroConv2d",
+    "default_hidden_dims",
+    "mlp",
+    "zero_last_layer_",
+]
+
+HIDDEN_CHANNELS = 32
+"""The one default width of every convolutional conditioner (``hidden_channels``), from the
+coupling factories and ``glow_step`` up to the builders and the ``pyro-flows`` command."""
+
+
+def default_hidden_dims(input_dim: int) -> tuple[int, int]:
+    """The one default ``hidden_dims`` of an MLP conditioner that sees ``input_dim``
+    features: two layers of ``max(64, 4 * input_dim)`` units (``2 D`` for a half split of
+    ``D`` features).
+
+    Example:
+        >>> default_hidden_dims(8), default_hidden_dims(40)
+        ((64, 64), (160, 160))
+    """
+    width = max(64, 4 * input_dim)
+    return (width, width)
 
 
 def zero_last_layer_(net: nn.Module) -> nn.Module:
@@ -113,7 +137,7 @@ class ConvNet(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        hidden_channels: int = 64,
+        hidden_channels: int = HIDDEN_CHANNELS,
         num_blocks: int = 0,
         context_dim: int = 0,
     ) -> None:
