@@ -157,8 +157,8 @@ def _nflows() -> Density:
 MODELS: dict[str, tuple[str, Callable[[], Density] | None]] = {
     "gaussian": ("full-covariance Gaussian in logit space, closed-form ML", None),
     "glow": (
-        "ours: glow((1, 8, 8)) defaults (L=2, K=8, 64 channels)",
-        lambda: OurFlow(glow(SHAPE)),
+        "ours: glow((1, 8, 8), hidden_channels=64) (L=2, K=8)",
+        lambda: OurFlow(glow(SHAPE, hidden_channels=64)),
     ),
     "realnvp": (
         "ours: realnvp((1, 8, 8), hidden_channels=32) (L=3, 3 couplings/scale)",

@@ -119,7 +119,7 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.rand(args.batch, 1, args.size, args.size)
     flow = glow(
-        (1, args.size, args.size), levels=args.levels, steps=args.steps, hidden_channels=args.hidden
+        (1, args.size, args.size), levels=args.levels, depth=args.steps, hidden_channels=args.hidden
     )
     with torch.no_grad():
         flow.log_prob(x)  # ActNorm's data-dependent initialisation

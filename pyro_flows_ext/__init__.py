@@ -7,7 +7,7 @@ stays light (it does not import torch) and has no side effects.
 
 Example:
     >>> import pyro_flows_ext as pfe
-    >>> pfe.glow((1, 8, 8), steps=1, hidden_channels=4).event_shape
+    >>> pfe.glow((1, 8, 8), depth=1, hidden_channels=4).event_shape
     (1, 8, 8)
 """
 

@@ -10,19 +10,26 @@ from torch.distributions import Normal
 
 import pyro_flows_ext
 from pyro_flows_ext.flows import Flow, build_flow, glow, realnvp
-from pyro_flows_ext.transforms import ActNorm, affine_coupling
+from pyro_flows_ext.transforms import (
+    ActNorm,
+    actnorm,
+    affine_coupling,
+    conditional_affine_coupling,
+    invertible_linear,
+    split_prior,
+)
 
 # small configurations of every builder, one test id each
 CASES = {
-    "glow-image": lambda: glow((1, 8, 8), steps=2, hidden_channels=8),
-    "glow-image-3levels": lambda: glow((2, 8, 8), levels=3, steps=1, hidden_channels=4),
-    "glow-image-no-top": lambda: glow((3, 4, 4), steps=1, hidden_channels=4, learn_top=False),
-    "glow-vector": lambda: glow(3, steps=2, hidden_dims=[16]),
-    "realnvp-image": lambda: realnvp((1, 8, 8), couplings=1, hidden_channels=8),
+    "glow-image": lambda: glow((1, 8, 8), depth=2, hidden_channels=8),
+    "glow-image-3levels": lambda: glow((2, 8, 8), levels=3, depth=1, hidden_channels=4),
+    "glow-image-no-top": lambda: glow((3, 4, 4), depth=1, hidden_channels=4, learn_top=False),
+    "glow-vector": lambda: glow(3, depth=2, hidden_dims=[16]),
+    "realnvp-image": lambda: realnvp((1, 8, 8), depth=1, hidden_channels=8),
     "realnvp-image-split-prior": lambda: realnvp(
-        (1, 4, 4), levels=2, couplings=1, hidden_channels=4, split_prior=True
+        (1, 4, 4), levels=2, depth=1, hidden_channels=4, split_prior=True
     ),
-    "realnvp-vector": lambda: realnvp(3, couplings=3, hidden_dims=[16]),
+    "realnvp-vector": lambda: realnvp(3, depth=3, hidden_dims=[16]),
 }
 
 
@@ -125,20 +132,20 @@ def test_repr_and_config(flow: Flow) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_to_dtype_follows(dtype: torch.dtype) -> None:
-    flow = glow((1, 4, 4), steps=1, hidden_channels=4).to(dtype)
+    flow = glow((1, 4, 4), depth=1, hidden_channels=4).to(dtype)
     assert flow.dist.base_dist.base_dist.loc.dtype == dtype
     assert flow.log_prob(torch.randn(2, 1, 4, 4, dtype=dtype)).dtype == dtype
     assert flow.sample((2,)).dtype == dtype
 
 
 def test_identity_at_initialisation() -> None:
-    flow = realnvp(4, couplings=2, actnorm=False)
+    flow = realnvp(4, depth=2, actnorm=False)
     x = torch.randn(6, 4)
     assert torch.allclose(flow.log_prob(x), Normal(0.0, 1.0).log_prob(x).sum(-1), atol=1e-6)
 
 
 def test_temperature_scales_the_base() -> None:
-    flow = realnvp(2, couplings=2, actnorm=False)  # the identity at initialisation
+    flow = realnvp(2, depth=2, actnorm=False)  # the identity at initialisation
     torch.manual_seed(0)
     std = flow.sample((20000,), temperature=0.5).std(0)
     assert torch.allclose(std, torch.full((2,), 0.5), atol=0.02)
@@ -147,7 +154,7 @@ def test_temperature_scales_the_base() -> None:
 
 
 def test_actnorm_initialised_on_first_log_prob_batch() -> None:
-    flow = glow((1, 8, 8), steps=2, hidden_channels=4)
+    flow = glow((1, 8, 8), depth=2, hidden_channels=4)
     norms = [m for m in flow.modules() if isinstance(m, ActNorm)]
     assert norms and not any(bool(m.initialized) for m in norms)
     x = 3 + 2 * torch.randn(64, 1, 8, 8)
@@ -169,8 +176,8 @@ def glow_first_actnorm(flow: Flow) -> ActNorm:
     ("shape", "levels"), [((1, 8, 8), 2), ((1, 28, 28), 2), ((3, 32, 32), 3), ((1, 6, 6), 1)]
 )
 def test_default_levels(shape: tuple[int, int, int], levels: int) -> None:
-    assert glow(shape, steps=1, hidden_channels=2).config["levels"] == levels
-    assert realnvp(shape, couplings=1, hidden_channels=2).config["levels"] == levels + 1
+    assert glow(shape, depth=1, hidden_channels=2).config["levels"] == levels
+    assert realnvp(shape, depth=1, hidden_channels=2).config["levels"] == levels + 1
 
 
 def test_builders_need_only_the_event_shape() -> None:
@@ -184,7 +191,7 @@ def test_builders_need_only_the_event_shape() -> None:
 
 
 def test_multiscale_split_prior_is_learned() -> None:
-    flow = glow((1, 8, 8), steps=1, hidden_channels=4)
+    flow = glow((1, 8, 8), depth=1, hidden_channels=4)
     names = [n for n, _ in flow.named_parameters()]
     assert any("split" not in n and "conditioner" in n for n in names)
     from pyro_flows_ext.transforms import ElementwiseAffine, SplitPrior
@@ -193,27 +200,58 @@ def test_multiscale_split_prior_is_learned() -> None:
     assert sum(isinstance(m, ElementwiseAffine) for m in flow.modules()) == 1
 
 
-@pytest.mark.parametrize(
-    ("call", "error", "match"),
-    [
-        (lambda: glow((1, 7, 8)), ValueError, "divisible"),
-        (lambda: glow((1, 8, 8), levels=4), ValueError, "divisible"),
-        (lambda: glow(4, levels=2), ValueError, "one level"),
-        (lambda: glow((1, 8, 8), steps=0), ValueError, "steps"),
-        (lambda: realnvp((1, 8, 8), mask="half"), ValueError, "mask"),
-        (lambda: realnvp(3, num_blocks=-1), ValueError, "num_blocks"),
-        (lambda: glow("8"), TypeError, "event shape"),
-        (lambda: build_flow({"builder": "maf"}), ValueError, "builder"),
-        (lambda: Flow(2, [object()]), TypeError, "Transform"),
-    ],
-)
-def test_bad_arguments(call, error: type[Exception], match: str) -> None:
+# every public argument of the builders, and of the factories they use, with a bad value
+BAD_ARGUMENTS = {
+    "glow-odd-image": (lambda: glow((1, 7, 8)), ValueError, "divisible"),
+    "glow-too-many-levels": (lambda: glow((1, 8, 8), levels=4), ValueError, "divisible"),
+    "glow-levels-zero": (lambda: glow((1, 8, 8), levels=0), ValueError, "levels"),
+    "glow-vector-levels": (lambda: glow(4, levels=2), ValueError, "one level"),
+    "glow-depth-zero": (lambda: glow((1, 8, 8), depth=0), ValueError, "depth"),
+    "glow-depth-float": (lambda: glow(4, depth=2.0), TypeError, "depth"),
+    "glow-hidden-channels-zero": (lambda: glow((1, 8, 8), hidden_channels=0), ValueError,
+                                  "hidden_channels"),
+    "glow-hidden-dims-negative": (lambda: glow(4, hidden_dims=[8, -1]), ValueError,
+                                  "hidden_dims"),
+    "glow-hidden-dims-int": (lambda: glow(4, hidden_dims=8), TypeError, "hidden_dims"),
+    "glow-learn-top-str": (lambda: glow(4, learn_top="yes"), TypeError, "learn_top"),
+    "glow-lu-int": (lambda: glow(4, lu=1), TypeError, "lu"),
+    "glow-scale-unknown": (lambda: glow(4, scale="softplus"), ValueError, "scale"),
+    "glow-event-shape-str": (lambda: glow("8"), TypeError, "event shape"),
+    "glow-event-shape-2d": (lambda: glow((8, 8)), ValueError, "event shape"),
+    "glow-event-shape-zero": (lambda: glow(0), ValueError, "event shape"),
+    "realnvp-image-mask": (lambda: realnvp((1, 8, 8), mask="half"), ValueError, "mask"),
+    "realnvp-vector-mask": (lambda: realnvp(4, mask="checkerboard"), ValueError, "mask"),
+    "realnvp-depth-negative": (lambda: realnvp(4, depth=-1), ValueError, "depth"),
+    "realnvp-levels-str": (lambda: realnvp((1, 8, 8), levels="2"), TypeError, "levels"),
+    "realnvp-num-blocks-negative": (lambda: realnvp(3, num_blocks=-1), ValueError,
+                                    "num_blocks"),
+    "realnvp-clamp-zero": (lambda: realnvp(3, clamp=0.0), ValueError, "clamp"),
+    "realnvp-clamp-str": (lambda: realnvp(3, clamp="3"), TypeError, "clamp"),
+    "realnvp-actnorm-none": (lambda: realnvp(3, actnorm=None), TypeError, "actnorm"),
+    "realnvp-split-prior-int": (lambda: realnvp((1, 8, 8), split_prior=1), TypeError,
+                                "split_prior"),
+    "build-flow-unknown": (lambda: build_flow({"builder": "maf"}), ValueError, "builder"),
+    "flow-not-a-transform": (lambda: Flow(2, [object()]), TypeError, "Transform"),
+    "coupling-parity": (lambda: affine_coupling(4, parity=2), ValueError, "parity"),
+    "coupling-context-dim": (lambda: conditional_affine_coupling(4, 0), ValueError,
+                             "context_dim"),
+    "coupling-cache-size": (lambda: affine_coupling(4, cache_size=2), ValueError, "cache_size"),
+    "actnorm-data-init": (lambda: actnorm(4, data_init="no"), TypeError, "data_init"),
+    "invertible-zero": (lambda: invertible_linear(0), ValueError, "event shape"),
+    "split-prior-even-kernel": (lambda: split_prior((4, 4, 4), kernel_size=2), ValueError,
+                                "kernel_size"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_bad_arguments(case: str) -> None:
+    call, error, match = BAD_ARGUMENTS[case]
     with pytest.raises(error, match=match):
         call()
 
 
 def test_log_prob_input_checks() -> None:
-    flow = glow(3, steps=1)
+    flow = glow(3, depth=1)
     with pytest.raises(TypeError, match="torch.Tensor"):
         flow.log_prob([0.0, 1.0, 2.0])
     with pytest.raises(ValueError, match=r"event shape \(3,\)"):
@@ -239,7 +277,7 @@ def test_cuda() -> None:
     from pyro_flows_ext.datasets import load_digits_split
     from pyro_flows_ext.train import fit
 
-    flow = glow((1, 8, 8), steps=2, hidden_channels=16).to("cuda")
+    flow = glow((1, 8, 8), depth=2, hidden_channels=16).to("cuda")
     x = torch.randn(8, 1, 8, 8, device="cuda")
     assert flow.log_prob(x).device.type == "cuda"
     assert flow.sample((4,), temperature=0.7).device.type == "cuda"

@@ -277,9 +277,9 @@ def test_context_of_wrong_size() -> None:
         (lambda: T.affine_coupling(4, mask="checkerboard"), ValueError, "half.*alternating"),
         (lambda: T.affine_coupling((1, 4, 4)), ValueError, "at least 2 channels"),
         (lambda: T.affine_coupling(4, scale="softplus"), ValueError, "exp.*sigmoid"),
-        (lambda: T.affine_coupling(4, parity=2), ValueError, "parity must be 0 or 1"),
+        (lambda: T.affine_coupling(4, parity=2), ValueError, "parity must be one of"),
         (lambda: T.conditional_affine_coupling(4, context_dim=0), ValueError, "context_dim"),
-        (lambda: T.InvertibleLinear(0), ValueError, "positive int"),
+        (lambda: T.InvertibleLinear(0), ValueError, "int >= 1"),
         (lambda: T.ActNorm((0, 2, 2)), ValueError, "positive"),
     ],
     ids=[

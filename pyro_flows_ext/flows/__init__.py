@@ -22,7 +22,7 @@ def build_flow(config: dict[str, Any]) -> Flow:
     """A fresh model from ``flow.config`` (``{"builder": name, "event_shape": ..., **kwargs}``).
 
     Example:
-        >>> flow = glow(2, steps=2)
+        >>> flow = glow(2, depth=2)
         >>> build_flow(flow.config).config == flow.config
         True
     """

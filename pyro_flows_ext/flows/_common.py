@@ -1,9 +1,8 @@
-"""Helpers shared by the builders: argument checks and the multi-scale skeleton."""
+"""Helpers shared by the builders: level counts and the multi-scale skeleton."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from pyro.distributions.torch_transform import ComposeTransformModule
 from torch.distributions import Transform
@@ -13,7 +12,6 @@ from pyro_flows_ext.transforms import FactorOut, SqueezeTransform
 
 __all__ = [
     "check_levels",
-    "check_positive",
     "forward_order",
     "max_levels",
     "multiscale",
@@ -26,13 +24,6 @@ LevelBody = Callable[[EventShape, bool], list[Transform]]
 
 def _no_body(shape: EventShape, is_last: bool) -> list[Transform]:
     return []
-
-
-def check_positive(name: str, value: Any) -> int:
-    """``value`` as an int, or a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def squeeze_shape(shape: EventShape) -> EventShape:

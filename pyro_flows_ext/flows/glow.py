@@ -6,16 +6,24 @@ from collections.abc import Sequence
 
 from torch.distributions import Transform
 
-from pyro_flows_ext.checks import EventShape, as_event_shape
+from pyro_flows_ext.checks import (
+    EventShape,
+    as_event_shape,
+    check_bool,
+    hidden_sizes,
+    one_of,
+    positive_int,
+)
 from pyro_flows_ext.flows._common import (
     check_levels,
-    check_positive,
     forward_order,
     max_levels,
     multiscale,
 )
 from pyro_flows_ext.flows.flow import Flow
+from pyro_flows_ext.nn import HIDDEN_CHANNELS
 from pyro_flows_ext.transforms import SplitPrior, glow_step, top_prior
+from pyro_flows_ext.transforms.coupling import SCALES
 
 __all__ = ["glow"]
 
@@ -23,8 +31,8 @@ __all__ = ["glow"]
 def glow(
     event_shape: int | EventShape,
     levels: int | None = None,
-    steps: int | None = None,
-    hidden_channels: int = 64,
+    depth: int | None = None,
+    hidden_channels: int = HIDDEN_CHANNELS,
     hidden_dims: Sequence[int] | None = None,
     learn_top: bool = True,
     lu: bool = True,
@@ -33,7 +41,7 @@ def glow(
     """A Glow density model.
 
     **Images** ``(C, H, W)``: ``levels`` levels; each squeezes ``(C, H, W) -> (4C, H/2, W/2)``
-    and applies ``steps`` flow steps (:func:`~pyro_flows_ext.transforms.glow_step`: ActNorm,
+    and applies ``depth`` flow steps (:func:`~pyro_flows_ext.transforms.glow_step`: ActNorm,
     LU-parameterised invertible 1x1 convolution, affine coupling with ``sigmoid`` scale whose
     conv conditioner has ``hidden_channels`` channels and a zero-initialised last layer);
     every level but the last then factors out half of the channels with a learned conditional
@@ -47,19 +55,19 @@ def glow(
               \\to \\text{unsqueeze} \\to z \\sim N(0, I).
 
     The default ``levels`` is the most squeezes (up to 3) that keep ``H, W >= 2``: 2 for
-    8x8 and 28x28 images, 3 for 32x32. Default ``steps``: 8 for images.
+    8x8 and 28x28 images, 3 for 32x32. Default ``depth``: 8.
 
-    **Vectors** ``D``: ``steps`` (default 8) steps of ActNorm, an LU-parameterised
+    **Vectors** ``D``: ``depth`` (default 8) steps of ActNorm, an LU-parameterised
     :class:`~pyro_flows_ext.transforms.InvertibleLinear` and an affine coupling with an MLP
-    conditioner (``hidden_dims``, default two layers of ``max(64, 2D)``); ``levels`` must be
-    ``None`` or 1.
+    conditioner (``hidden_dims``, default :func:`~pyro_flows_ext.nn.default_hidden_dims`:
+    two layers of ``max(64, 2D)``); ``levels`` must be ``None`` or 1.
 
     Every coupling starts at the identity, so the model starts at its base (after ActNorm's
     data-dependent initialisation on the first ``log_prob`` batch).
 
     Example:
         >>> import torch
-        >>> flow = glow((1, 8, 8), steps=2, hidden_channels=8)
+        >>> flow = glow((1, 8, 8), depth=2, hidden_channels=8)
         >>> x = torch.randn(5, 1, 8, 8)
         >>> flow.log_prob(x).shape, flow.sample((3,)).shape
         (torch.Size([5]), torch.Size([3, 1, 8, 8]))
@@ -68,33 +76,33 @@ def glow(
     convolutions.
     """
     shape = as_event_shape(event_shape)
-    check_positive("hidden_channels", hidden_channels)
+    dims = hidden_sizes("hidden_dims", hidden_dims)
     config = {
         "builder": "glow",
         "event_shape": list(shape),
-        "hidden_channels": hidden_channels,
-        "hidden_dims": None if hidden_dims is None else list(hidden_dims),
-        "learn_top": bool(learn_top),
-        "lu": bool(lu),
-        "scale": scale,
+        "hidden_channels": positive_int("hidden_channels", hidden_channels),
+        "hidden_dims": None if dims is None else list(dims),
+        "learn_top": check_bool("learn_top", learn_top),
+        "lu": check_bool("lu", lu),
+        "scale": one_of("scale", scale, SCALES),
     }
     if len(shape) == 1:
         if levels not in (None, 1):
             raise ValueError(f"a vector Glow has one level, got levels={levels!r}")
-        k = check_positive("steps", 8 if steps is None else steps)
+        k = positive_int("depth", 8 if depth is None else depth)
         density: list[Transform] = [
             glow_step(shape, hidden_dims=hidden_dims, lu=lu, scale=scale, parity=i % 2)
             for i in range(k)
         ]
         if learn_top:
             density.append(top_prior(shape))
-        return Flow(shape, forward_order(density), {**config, "levels": 1, "steps": k})
+        return Flow(shape, forward_order(density), {**config, "levels": 1, "depth": k})
 
-    n = max_levels(shape) if levels is None else check_positive("levels", levels)
+    n = max_levels(shape) if levels is None else positive_int("levels", levels)
     if n < 1:
         raise ValueError(f"Glow needs H and W divisible by 2, got event shape {shape}")
     check_levels(shape, n, n)
-    k = check_positive("steps", 8 if steps is None else steps)
+    k = positive_int("depth", 8 if depth is None else depth)
 
     def level(sq: EventShape, is_last: bool) -> list[Transform]:
         density: list[Transform] = [
@@ -107,4 +115,4 @@ def glow(
             density.append(top_prior(sq))
         return forward_order(density)
 
-    return Flow(shape, multiscale(shape, n, level), {**config, "levels": n, "steps": k})
+    return Flow(shape, multiscale(shape, n, level), {**config, "levels": n, "depth": k})

@@ -6,16 +6,25 @@ from collections.abc import Sequence
 
 from torch.distributions import Transform
 
-from pyro_flows_ext.checks import EventShape, as_event_shape
+from pyro_flows_ext.checks import (
+    EventShape,
+    as_event_shape,
+    check_bool,
+    hidden_sizes,
+    one_of,
+    positive_float,
+    positive_int,
+)
 from pyro_flows_ext.flows._common import (
     check_levels,
-    check_positive,
     forward_order,
     max_levels,
     multiscale,
 )
 from pyro_flows_ext.flows.flow import Flow
+from pyro_flows_ext.nn import HIDDEN_CHANNELS
 from pyro_flows_ext.transforms import ActNorm, SplitPrior, affine_coupling
+from pyro_flows_ext.transforms.masks import MASKS
 
 __all__ = ["realnvp"]
 
@@ -23,8 +32,8 @@ __all__ = ["realnvp"]
 def realnvp(
     event_shape: int | EventShape,
     levels: int | None = None,
-    couplings: int | None = None,
-    hidden_channels: int = 64,
+    depth: int | None = None,
+    hidden_channels: int = HIDDEN_CHANNELS,
     num_blocks: int = 1,
     hidden_dims: Sequence[int] | None = None,
     mask: str | None = None,
@@ -35,16 +44,16 @@ def realnvp(
     """A RealNVP density model (affine couplings with soft-clamped ``exp`` scales).
 
     **Images** ``(C, H, W)``: ``levels`` scales. Every scale but the last applies
-    ``couplings`` (default 3) couplings with checkerboard masks, squeezes
-    ``(C, H, W) -> (4C, H/2, W/2)``, applies ``couplings`` couplings with channel masks and
+    ``depth`` (default 3) couplings with checkerboard masks, squeezes
+    ``(C, H, W) -> (4C, H/2, W/2)``, applies ``depth`` couplings with channel masks and
     factors out half of the channels (to the standard normal base, or to a learned
     conditional Gaussian with ``split_prior=True``); the last scale applies
-    ``couplings + 1`` checkerboard couplings. Parities alternate so consecutive couplings
+    ``depth + 1`` checkerboard couplings. Parities alternate so consecutive couplings
     transform complementary parts. Conditioners are residual CNNs (``hidden_channels``,
     ``num_blocks``) with a zero-initialised last layer. The default ``levels`` is one more
     than the most squeezes (up to 3) that keep ``H, W >= 2``: 3 for 8x8 and 28x28.
 
-    **Vectors** ``D``: ``couplings`` (default 8) couplings with ``mask`` (``"half"`` by
+    **Vectors** ``D``: ``depth`` (default 8) couplings with ``mask`` (``"half"`` by
     default, or ``"alternating"``) and alternating parity, MLP conditioners
     (``hidden_dims``).
 
@@ -53,28 +62,26 @@ def realnvp(
 
     Example:
         >>> import torch
-        >>> flow = realnvp(2, couplings=4, hidden_dims=[16])
+        >>> flow = realnvp(2, depth=4, hidden_dims=[16])
         >>> flow.log_prob(torch.randn(7, 2)).shape
         torch.Size([7])
-        >>> realnvp((1, 8, 8), levels=2, couplings=1, hidden_channels=8).sample((2,)).shape
+        >>> realnvp((1, 8, 8), levels=2, depth=1, hidden_channels=8).sample((2,)).shape
         torch.Size([2, 1, 8, 8])
 
     Reference: Dinh, Sohl-Dickstein & Bengio (2017), Density estimation using Real NVP.
     """
     shape = as_event_shape(event_shape)
-    check_positive("hidden_channels", hidden_channels)
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
-        raise ValueError(f"num_blocks must be a non-negative int, got {num_blocks!r}")
+    dims = hidden_sizes("hidden_dims", hidden_dims)
     config = {
         "builder": "realnvp",
         "event_shape": list(shape),
-        "hidden_channels": hidden_channels,
-        "num_blocks": num_blocks,
-        "hidden_dims": None if hidden_dims is None else list(hidden_dims),
+        "hidden_channels": positive_int("hidden_channels", hidden_channels),
+        "num_blocks": positive_int("num_blocks", num_blocks, minimum=0),
+        "hidden_dims": None if dims is None else list(dims),
         "mask": mask,
-        "actnorm": bool(actnorm),
-        "split_prior": bool(split_prior),
-        "clamp": float(clamp),
+        "actnorm": check_bool("actnorm", actnorm),
+        "split_prior": check_bool("split_prior", split_prior),
+        "clamp": positive_float("clamp", clamp),
     }
 
     def units(s: EventShape, n: int, unit_mask: str | None) -> list[Transform]:
@@ -98,15 +105,17 @@ def realnvp(
     if len(shape) == 1:
         if levels not in (None, 1):
             raise ValueError(f"a vector RealNVP has one level, got levels={levels!r}")
-        k = check_positive("couplings", 8 if couplings is None else couplings)
-        flow_config = {**config, "levels": 1, "couplings": k}
+        if mask is not None:
+            one_of("mask", mask, MASKS[1])
+        k = positive_int("depth", 8 if depth is None else depth)
+        flow_config = {**config, "levels": 1, "depth": k}
         return Flow(shape, forward_order(units(shape, k, mask)), flow_config)
 
     if mask is not None:
         raise ValueError(f"image RealNVP chooses its masks itself; got mask={mask!r}")
-    n = max_levels(shape) + 1 if levels is None else check_positive("levels", levels)
+    n = max_levels(shape) + 1 if levels is None else positive_int("levels", levels)
     check_levels(shape, n, n - 1)
-    k = check_positive("couplings", 3 if couplings is None else couplings)
+    k = positive_int("depth", 3 if depth is None else depth)
 
     def squeezed(sq: EventShape, is_last: bool) -> list[Transform]:
         density = units(sq, k, "channel")
@@ -118,4 +127,4 @@ def realnvp(
         return forward_order(units(s, k + 1 if is_last else k, "checkerboard"))
 
     transforms = multiscale(shape, n, squeezed, unsqueezed, squeeze_last=False)
-    return Flow(shape, transforms, {**config, "levels": n, "couplings": k})
+    return Flow(shape, transforms, {**config, "levels": n, "depth": k})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pyro_flows_ext.checks import EventShape, as_event_shape, check_input
+from pyro_flows_ext.checks import EventShape, as_event_shape, check_bool, check_input
 from pyro_flows_ext.transforms._base import CachedTransformModule
 
 __all__ = ["ActNorm", "actnorm"]
@@ -49,7 +49,7 @@ class ActNorm(CachedTransformModule):
         param_shape = (self.features,) + (1,) * (self._event_dim - 1)
         self.loc = nn.Parameter(torch.zeros(param_shape))
         self.log_scale = nn.Parameter(torch.zeros(param_shape))
-        self.data_init = data_init
+        self.data_init = check_bool("data_init", data_init)
         self.register_buffer("initialized", torch.tensor(not data_init))
 
     def _check(self, x: Tensor, name: str) -> None:

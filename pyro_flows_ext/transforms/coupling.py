@@ -21,8 +21,16 @@ import torch.nn.functional as F
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
 
-from pyro_flows_ext.checks import EventShape, as_event_shape, check_input
-from pyro_flows_ext.nn import ConvNet, mlp
+from pyro_flows_ext.checks import (
+    EventShape,
+    as_event_shape,
+    check_input,
+    hidden_sizes,
+    one_of,
+    positive_float,
+    positive_int,
+)
+from pyro_flows_ext.nn import HIDDEN_CHANNELS, ConvNet, default_hidden_dims, mlp
 from pyro_flows_ext.transforms._base import CachedTransformModule
 from pyro_flows_ext.transforms.masks import Partition, make_partition
 
@@ -182,13 +190,9 @@ class AffineCoupling(Coupling):
         clamp: float = 3.0,
         cache_size: int = 1,
     ) -> None:
-        if scale not in SCALES:
-            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-        if not clamp > 0:
-            raise ValueError(f"clamp must be positive, got {clamp!r}")
         super().__init__(event_shape, conditioner, mask, parity, cache_size)
-        self.scale = scale
-        self.clamp = float(clamp)
+        self.scale = one_of("scale", scale, SCALES)
+        self.clamp = positive_float("clamp", clamp)
 
     def _log_scale(self, h: Tensor) -> Tensor:
         if self.scale == "exp":
@@ -249,16 +253,12 @@ class ConditionalAffineCoupling(ConditionalTransformModule):
         clamp: float = 3.0,
     ) -> None:
         super().__init__()
-        if not isinstance(context_dim, int) or context_dim < 1:
-            raise ValueError(f"context_dim must be a positive int, got {context_dim!r}")
-        if scale not in SCALES:
-            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         self.event_shape = as_event_shape(event_shape)
-        self.context_dim = context_dim
+        self.context_dim = positive_int("context_dim", context_dim)
         self.partition = make_partition(self.event_shape, mask, parity)
         self.conditioner = conditioner
-        self.scale = scale
-        self.clamp = clamp
+        self.scale = one_of("scale", scale, SCALES)
+        self.clamp = positive_float("clamp", clamp)
 
     def condition(self, context: Tensor) -> AffineCoupling:
         check_input(context, (self.context_dim,), "context")
@@ -275,8 +275,11 @@ def _conditioner(
     context_dim: int = 0,
 ) -> nn.Module:
     a_shape, b_shape = partition.conditioner_shape, partition.transformed_shape
+    dims = hidden_sizes("hidden_dims", hidden_dims)
+    hidden_channels = positive_int("hidden_channels", hidden_channels)
+    num_blocks = positive_int("num_blocks", num_blocks, minimum=0)
     if partition.event_dim == 1:
-        dims = (max(64, 4 * a_shape[0]),) * 2 if hidden_dims is None else tuple(hidden_dims)
+        dims = default_hidden_dims(a_shape[0]) if dims is None else dims
         return mlp(a_shape[0], [b_shape[0]] * num_params, dims, context_dim)
     return ConvNet(a_shape[0], num_params * b_shape[0], hidden_channels, num_blocks, context_dim)
 
@@ -286,7 +289,7 @@ def affine_coupling(
     hidden_dims: Sequence[int] | None = None,
     mask: str | None = None,
     parity: int = 0,
-    hidden_channels: int = 64,
+    hidden_channels: int = HIDDEN_CHANNELS,
     num_blocks: int = 0,
     scale: str = "exp",
     clamp: float = 3.0,
@@ -297,7 +300,8 @@ def affine_coupling(
     Args:
         shape: ``D`` (an MLP conditioner, Pyro's ``DenseNN``) or ``(C, H, W)`` (a
             :class:`~pyro_flows_ext.nn.ConvNet`).
-        hidden_dims: MLP hidden sizes (default two layers of ``max(64, 4 * D_A)``).
+        hidden_dims: MLP hidden sizes (default
+            :func:`~pyro_flows_ext.nn.default_hidden_dims`: two layers of ``max(64, 4 D_A)``).
         mask, parity: see :class:`Coupling`.
         hidden_channels, num_blocks: width and residual blocks of the CNN.
         scale, clamp: see :class:`AffineCoupling`.
@@ -320,7 +324,7 @@ def additive_coupling(
     hidden_dims: Sequence[int] | None = None,
     mask: str | None = None,
     parity: int = 0,
-    hidden_channels: int = 64,
+    hidden_channels: int = HIDDEN_CHANNELS,
     num_blocks: int = 0,
     cache_size: int = 1,
 ) -> AdditiveCoupling:
@@ -328,7 +332,8 @@ def additive_coupling(
 
     Args:
         shape: ``D`` (an MLP conditioner) or ``(C, H, W)`` (a CNN conditioner).
-        hidden_dims: MLP hidden sizes (default two layers of ``max(64, 4 * D_A)``).
+        hidden_dims: MLP hidden sizes (default
+            :func:`~pyro_flows_ext.nn.default_hidden_dims`: two layers of ``max(64, 4 D_A)``).
         mask, parity: see :class:`Coupling`.
         hidden_channels, num_blocks: width and residual blocks of the CNN.
         cache_size: see :class:`Coupling`.
@@ -349,7 +354,7 @@ def conditional_affine_coupling(
     hidden_dims: Sequence[int] | None = None,
     mask: str | None = None,
     parity: int = 0,
-    hidden_channels: int = 64,
+    hidden_channels: int = HIDDEN_CHANNELS,
     num_blocks: int = 0,
     scale: str = "exp",
     clamp: float = 3.0,

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pyro.distributions.torch_transform import ComposeTransformModule
 
 from pyro_flows_ext.checks import EventShape, as_event_shape
+from pyro_flows_ext.nn import HIDDEN_CHANNELS
 from pyro_flows_ext.transforms.actnorm import ActNorm
 from pyro_flows_ext.transforms.coupling import affine_coupling
 from pyro_flows_ext.transforms.invertible import invertible_linear
@@ -17,7 +18,7 @@ __all__ = ["glow_step"]
 def glow_step(
     shape: int | EventShape,
     hidden_dims: Sequence[int] | None = None,
-    hidden_channels: int = 512,
+    hidden_channels: int = HIDDEN_CHANNELS,
     lu: bool = True,
     scale: str = "sigmoid",
     parity: int = 0,
@@ -33,7 +34,7 @@ def glow_step(
     Args:
         shape: ``D`` or ``(C, H, W)``.
         hidden_dims: MLP widths of the coupling (vectors).
-        hidden_channels: CNN width of the coupling (images; Glow uses 512).
+        hidden_channels: CNN width of the coupling (images; the paper uses 512).
         lu: LU-parameterised mixing.
         scale: the coupling's scale (``"sigmoid"`` as in Glow, or ``"exp"``).
         parity: which half the coupling keeps.

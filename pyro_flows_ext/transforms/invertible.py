@@ -20,7 +20,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pyro_flows_ext.checks import EventShape, as_event_shape, check_input
+from pyro_flows_ext.checks import (
+    EventShape,
+    as_event_shape,
+    check_bool,
+    check_input,
+    positive_int,
+)
 from pyro_flows_ext.transforms._base import CachedTransformModule
 
 __all__ = ["InvertibleConv1x1", "InvertibleLinear", "invertible_conv1x1", "invertible_linear"]
@@ -36,26 +42,24 @@ class _InvertibleMixing(CachedTransformModule):
     eye: Tensor
 
     def __init__(self, features: int, event_dim: int, lu: bool, cache_size: int) -> None:
-        if not isinstance(features, int) or isinstance(features, bool) or features < 1:
-            raise ValueError(
-                f"number of features/channels must be a positive int, got {features!r}"
-            )
         super().__init__(event_dim=event_dim, cache_size=cache_size)
-        self.features = features
-        self.lu = lu
+        self.features = positive_int("number of features/channels", features)
+        self.lu = check_bool("lu", lu)
+        # a random rotation, factored in float64, stored in the default dtype
+        dtype = torch.get_default_dtype()
         w = torch.linalg.qr(torch.randn(features, features, dtype=torch.float64))[0]
         if lu:
             p, lower, upper = torch.linalg.lu(w)
             s = torch.diagonal(upper)
-            self.register_buffer("perm", p.float())
-            self.register_buffer("signs", torch.sign(s).float())
-            self.register_buffer("lower_mask", torch.tril(torch.ones_like(w), -1).float())
-            self.register_buffer("eye", torch.eye(features))
-            self.lower = nn.Parameter(lower.float())
-            self.upper = nn.Parameter(torch.triu(upper, 1).float())
-            self.log_s = nn.Parameter(s.abs().log().float())
+            self.register_buffer("perm", p.to(dtype))
+            self.register_buffer("signs", torch.sign(s).to(dtype))
+            self.register_buffer("lower_mask", torch.tril(torch.ones_like(w), -1).to(dtype))
+            self.register_buffer("eye", torch.eye(features, dtype=dtype))
+            self.lower = nn.Parameter(lower.to(dtype))
+            self.upper = nn.Parameter(torch.triu(upper, 1).to(dtype))
+            self.log_s = nn.Parameter(s.abs().log().to(dtype))
         else:
-            self.weight = nn.Parameter(w.float())
+            self.weight = nn.Parameter(w.to(dtype))
 
     def _check(self, x: Tensor, name: str) -> None:
         check_input(x, (self.features,) + (None,) * (self._event_dim - 1), name)

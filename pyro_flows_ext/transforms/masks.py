@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pyro_flows_ext.checks import EventShape
+from pyro_flows_ext.checks import EventShape, one_of
 
 __all__ = ["MASKS", "MaskPartition", "Partition", "SlicePartition", "make_partition"]
 
@@ -158,13 +158,10 @@ class MaskPartition(Partition):
 
 def make_partition(event_shape: EventShape, mask: str | None = None, parity: int = 0) -> Partition:
     """The partition for ``mask`` (``None``: ``half`` for vectors, ``channel`` for images)."""
-    if parity not in (0, 1):
-        raise ValueError(f"parity must be 0 or 1, got {parity!r}")
+    one_of("parity", parity, (0, 1))
     event_dim = len(event_shape)
-    mask = mask or MASKS[event_dim][0]
-    if mask not in MASKS[event_dim]:
-        kind = "vectors" if event_dim == 1 else "images"
-        raise ValueError(f"mask for {kind} must be one of {MASKS[event_dim]}, got {mask!r}")
+    kind = "vectors" if event_dim == 1 else "images"
+    mask = one_of(f"mask for {kind}", mask or MASKS[event_dim][0], MASKS[event_dim])
     if mask in ("half", "channel"):
         return SlicePartition(event_shape, parity)
     if mask == "alternating":

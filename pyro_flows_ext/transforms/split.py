@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Transform
 
-from pyro_flows_ext.checks import EventShape, as_event_shape, check_input
+from pyro_flows_ext.checks import EventShape, as_event_shape, check_input, positive_int
 from pyro_flows_ext.nn import ZeroConv2d
 from pyro_flows_ext.transforms._base import CachedTransformModule
 from pyro_flows_ext.transforms.coupling import AffineCoupling
@@ -52,6 +52,9 @@ class SplitPrior(AffineCoupling):
         self, shape: int | EventShape, kernel_size: int = 3, clamp: float = 5.0, cache_size: int = 1
     ) -> None:
         event_shape = as_event_shape(shape)
+        kernel_size = positive_int("kernel_size", kernel_size)
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (a 'same' convolution), got {kernel_size}")
         partition = SlicePartition(event_shape, parity=0)
         kept, factored = partition.sizes
         net: nn.Module
