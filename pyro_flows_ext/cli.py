@@ -6,8 +6,9 @@ checkpoint), ``samples.png``, ``curve.png`` and ``metrics.json`` to ``runs/digit
 the same command again resumes from the checkpoint. ``pyro-flows sample CKPT`` draws from a
 trained model. Under ``torchrun --nproc_per_node=N -m pyro_flows_ext fit ...`` training is
 data-parallel (``DistributedDataParallel``) and process 0 alone prints and writes files. Errors
-in the input (a missing file, a malformed array) end with a one-line
-message and exit status 2 (set ``PYRO_FLOWS_DEBUG=1`` for the traceback).
+in the input (a missing file, a malformed array, an option that does nothing for the data
+given) end with a one-line message and exit status 2 (set ``PYRO_FLOWS_DEBUG=1`` for the
+traceback).
 """
 
 from __future__ import annotations
@@ -15,19 +16,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pyro_flows_ext.nn import HIDDEN_CHANNELS
+
 __all__ = ["build_parser", "main"]
+
+IMAGE_TEMPERATURE = 0.8
+"""Default sampling temperature for images (vectors are drawn at 1)."""
 
 DATA_HELP = (
     "training data: 'digits' (scikit-learn's 8x8 digits, 17 grey levels), 'mnist' "
     "(28x28, read from ../shared/images/mnist or --data-dir), 'moons' (2-D toy), or a file "
     "PATH.npy / PATH.csv: (N, D) arrays are continuous vectors, (N, H, W) or (N, C, H, W) "
     "integer arrays 256-level images (default: digits)"
+)
+
+
+FIT_DESCRIPTION = (
+    "Train a flow by maximum likelihood with early stopping on a validation split, print the "
+    "test bits/dim, and write the checkpoint (model.pt), a grid or scatter of samples "
+    "(samples.png), the training curve (curve.png) and metrics.json to --out. If --out already "
+    "holds a checkpoint of the same configuration, training resumes from it. Launched by "
+    "'torchrun --nproc_per_node=N -m pyro_flows_ext fit ...', it trains data-parallel on N "
+    "processes (one GPU each, or CPU processes with gloo). Options that apply to images only "
+    "(--levels, --hidden-channels, --temperature), to vectors only (--hidden-dims) or to "
+    "discrete data only (--dequantize) are errors for other data."
+)
+
+SAMPLE_DESCRIPTION = (
+    "Draw samples from a checkpoint written by 'pyro-flows fit' and write them as a PNG (image "
+    "grid or scatter) and, with --npy, as an array in data units (integer levels for images)."
 )
 
 
@@ -40,169 +64,111 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    commands = {"fit": ("train a flow and report its test bits/dim", FIT_DESCRIPTION,
+                        _add_fit_options),
+                "sample": ("draw samples from a trained checkpoint", SAMPLE_DESCRIPTION,
+                           _add_sample_options)}  # fmt: skip
+    for name, (summary, description, add_options) in commands.items():
+        add_options(sub.add_parser(name, help=summary, description=description))
+    return parser
 
-    fit = sub.add_parser(
-        "fit",
-        help="train a flow and report its test bits/dim",
-        description="Train a flow by maximum likelihood with early stopping on a validation "
-        "split, print the test bits/dim, and write the checkpoint (model.pt), a grid or "
-        "scatter of samples (samples.png), the training curve (curve.png) and metrics.json "
-        "to --out. If --out already holds a checkpoint of the same configuration, training "
-        "resumes from it. Launched by 'torchrun --nproc_per_node=N -m pyro_flows_ext fit ...', "
-        "it trains data-parallel on N processes (one GPU each, or CPU processes with gloo).",
-    )
-    fit.add_argument(
-        "--data", default="digits", metavar="{digits,mnist,moons,PATH.npy,PATH.csv}", help=DATA_HELP
-    )
-    fit.add_argument(
-        "--data-dir",
-        default=None,
-        metavar="DIR",
-        help="folder holding the MNIST IDX files "
-        "(default: ../shared/images/mnist, or $PYRO_FLOWS_DATA)",
-    )
-    fit.add_argument(
-        "--dequantize",
-        choices=("uniform", "variational"),
-        default="uniform",
-        help="noise that makes discrete images continuous: uniform (the standard bound, "
-        "comparable with published bits/dim) or variational (learned, Flow++; a tighter "
-        "bound) (default: uniform)",
-    )
-    fit.add_argument(
-        "--model", choices=("glow", "realnvp"), default="glow", help="architecture (default: glow)"
-    )
-    fit.add_argument(
-        "--levels",
-        type=int,
-        default=None,
-        metavar="L",
-        help="multi-scale levels for images (default: as many as the image size allows, up to 3)",
-    )
-    fit.add_argument(
-        "--depth",
-        type=int,
-        default=None,
-        metavar="K",
-        help="flow steps per level (Glow; default 8) or couplings per stage "
-        "(RealNVP; default 3 for images, 8 for vectors)",
-    )
-    fit.add_argument(
-        "--hidden",
-        type=int,
-        default=None,
-        metavar="N",
-        help="width of the coupling networks: conv channels for images (default 32), "
-        "MLP units for vectors (default 64)",
-    )
-    fit.add_argument(
-        "--steps",
-        type=int,
-        default=1000,
-        metavar="N",
-        help="maximum training steps (default 1000; early stopping may end sooner)",
-    )
-    fit.add_argument(
-        "--batch-size", type=int, default=64, metavar="N",
-        help="examples per step, per process under torchrun (default 64)",
-    )  # fmt: skip
-    fit.add_argument(
-        "--lr",
-        type=float,
-        default=2e-3,
-        help="Adam learning rate after a 100-step warm-up (default 2e-3)",
-    )
-    fit.add_argument(
-        "--patience",
-        type=int,
-        default=10,
-        metavar="N",
-        help="evaluations without validation improvement before stopping (default 10)",
-    )
-    fit.add_argument(
-        "--eval-every",
-        type=int,
-        default=50,
-        metavar="N",
-        help="steps between validation evaluations and checkpoints (default 50)",
-    )
-    fit.add_argument(
-        "--device",
-        default="auto",
-        help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N' (default auto)",
-    )
-    fit.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        metavar="N",
-        help="CPU threads for torch (default 1: small flows gain little from more, and on a "
-        "busy machine extra threads can slow training down many times)",
-    )
+
+def _add_fit_options(fit: argparse.ArgumentParser) -> None:
+    _add_data_options(fit)
+    _add_model_options(fit)
+    _add_training_options(fit)
+    _add_output_options(fit)
+
+
+def _add_data_options(fit: argparse.ArgumentParser) -> None:
+    fit.add_argument("--data", default="digits", help=DATA_HELP,
+                     metavar="{digits,mnist,moons,PATH.npy,PATH.csv}")  # fmt: skip
+    fit.add_argument("--data-dir", default=None, metavar="DIR",
+                     help="folder holding the MNIST IDX files "
+                     "(default: ../shared/images/mnist, or $PYRO_FLOWS_DATA)")  # fmt: skip
+    fit.add_argument("--dequantize", choices=("uniform", "variational"), default=None,
+                     help="noise that makes discrete images continuous: uniform (the standard "
+                     "bound, comparable with published bits/dim) or variational (learned, "
+                     "Flow++; a tighter bound) (default: uniform; an error for continuous "
+                     "data)")  # fmt: skip
+
+
+def _add_model_options(fit: argparse.ArgumentParser) -> None:
+    fit.add_argument("--model", choices=("glow", "realnvp"), default="glow",
+                     help="architecture (default: glow)")  # fmt: skip
+    fit.add_argument("--levels", type=int, default=None, metavar="L",
+                     help="multi-scale levels for images (default: as many as the image size "
+                     "allows, up to 3; an error for vector data)")  # fmt: skip
+    fit.add_argument("--depth", type=int, default=None, metavar="K",
+                     help="flow steps per level (default: Glow 8; RealNVP 3 for images, 8 for "
+                     "vectors)")  # fmt: skip
+    fit.add_argument("--hidden-channels", type=int, default=None, metavar="N",
+                     help="conv channels of the coupling networks, for images (default "
+                     f"{HIDDEN_CHANNELS}; an error for vector data)")  # fmt: skip
+    fit.add_argument("--hidden-dims", default=None, metavar="N[,N...]",
+                     help="hidden layer widths of the coupling MLPs, for vectors, e.g. 64,64 "
+                     "(default: the builder's, two layers of max(64, 4 D); an error for "
+                     "images)")  # fmt: skip
+
+
+def _add_training_options(fit: argparse.ArgumentParser) -> None:
+    fit.add_argument("--steps", type=int, default=1000, metavar="N",
+                     help="maximum training steps (default 1000; early stopping may end "
+                     "sooner)")  # fmt: skip
+    fit.add_argument("--batch-size", type=int, default=64, metavar="N",
+                     help="examples per step, per process under torchrun (default 64)")  # fmt: skip
+    fit.add_argument("--lr", type=float, default=2e-3,
+                     help="Adam learning rate after a 100-step warm-up (default 2e-3)")  # fmt: skip
+    fit.add_argument("--patience", type=int, default=10, metavar="N",
+                     help="evaluations without validation improvement before stopping "
+                     "(default 10)")  # fmt: skip
+    fit.add_argument("--eval-every", type=int, default=50, metavar="N",
+                     help="steps between validation evaluations and checkpoints "
+                     "(default 50)")  # fmt: skip
+    fit.add_argument("--device", default="auto",
+                     help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N' "
+                     "(default auto)")  # fmt: skip
+    fit.add_argument("--threads", type=int, default=1, metavar="N",
+                     help="CPU threads for torch (default 1: small flows gain little from "
+                     "more, and on a busy machine extra threads can slow training down many "
+                     "times)")  # fmt: skip
     fit.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     fit.add_argument("--compile", action="store_true", help="torch.compile the coupling networks")
-    fit.add_argument(
-        "--out", default="runs/digits", metavar="DIR", help="output folder (default runs/digits)"
-    )
-    fit.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the data split, the initialisation, batches and samples (default 0)",
-    )
-    fit.add_argument(
-        "--restart", action="store_true", help="start afresh even if --out holds a checkpoint"
-    )
-    fit.add_argument(
-        "--samples",
-        type=int,
-        default=64,
-        metavar="N",
-        help="number of samples drawn for samples.png (default 64)",
-    )
-    fit.add_argument(
-        "--temperature",
-        type=float,
-        default=0.8,
-        metavar="T",
-        help="sampling temperature for images (default 0.8; 1 for vectors)",
-    )
+    fit.add_argument("--seed", type=int, default=0,
+                     help="seed of the data split, the initialisation, batches and samples "
+                     "(default 0)")  # fmt: skip
+    fit.add_argument("--restart", action="store_true",
+                     help="start afresh even if --out holds a checkpoint")  # fmt: skip
+
+
+def _add_output_options(fit: argparse.ArgumentParser) -> None:
+    fit.add_argument("--out", default="runs/digits", metavar="DIR",
+                     help="output folder (default runs/digits)")  # fmt: skip
+    fit.add_argument("--samples", type=int, default=64, metavar="N",
+                     help="number of samples drawn for samples.png (default 64)")  # fmt: skip
+    fit.add_argument("--temperature", type=float, default=None, metavar="T",
+                     help="sampling temperature of samples.png, for images (default "
+                     f"{IMAGE_TEMPERATURE}; an error for vector data, which are drawn at "
+                     "T = 1 next to the test data)")  # fmt: skip
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    sample = sub.add_parser(
-        "sample",
-        help="draw samples from a trained checkpoint",
-        description="Draw samples from a checkpoint written by 'pyro-flows fit' and write them "
-        "as a PNG (image grid or scatter) and, with --npy, as an array in data units (integer "
-        "levels for images).",
-    )
+
+def _add_sample_options(sample: argparse.ArgumentParser) -> None:
     sample.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (model.pt)")
-    sample.add_argument(
-        "-n", "--num", type=int, default=64, metavar="N", help="number of samples (default 64)"
-    )
-    sample.add_argument(
-        "--temperature",
-        type=float,
-        default=None,
-        metavar="T",
-        help="sampling temperature (default 0.8 for images, 1 for vectors)",
-    )
-    sample.add_argument(
-        "--out",
-        default=None,
-        metavar="PATH.png",
-        help="PNG to write (default: samples_T<temperature>.png next to CKPT)",
-    )
-    sample.add_argument(
-        "--npy", default=None, metavar="PATH.npy", help="also save the samples as a .npy array"
-    )
-    sample.add_argument(
-        "--last",
-        action="store_true",
-        help="use the weights of the last training step rather than the best validation ones",
-    )
+    sample.add_argument("-n", "--num", type=int, default=64, metavar="N",
+                        help="number of samples (default 64)")  # fmt: skip
+    sample.add_argument("--temperature", type=float, default=None, metavar="T",
+                        help=f"sampling temperature (default {IMAGE_TEMPERATURE} for images, "
+                        "1 for vectors)")  # fmt: skip
+    sample.add_argument("--out", default=None, metavar="PATH.png",
+                        help="PNG to write (default: samples_T<temperature>.png next to "
+                        "CKPT)")  # fmt: skip
+    sample.add_argument("--npy", default=None, metavar="PATH.npy",
+                        help="also save the samples as a .npy array")  # fmt: skip
+    sample.add_argument("--last", action="store_true",
+                        help="use the weights of the last training step rather than the best "
+                        "validation ones")  # fmt: skip
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    return parser
 
 
 class _UsageError(ValueError):
@@ -216,15 +182,36 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
             raise _UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+def _sizes(text: str | None, option: str) -> list[int] | None:
+    """``"64,64"`` -> ``[64, 64]``, with a one-line error for anything else."""
+    if text is not None and not re.fullmatch(r"\s*[1-9]\d*(\s*,\s*[1-9]\d*)*\s*", text):
+        raise _UsageError(f"{option} must be positive integers separated by commas, got {text!r}")
+    return None if text is None else [int(part) for part in text.split(",")]
+
+
+def _check_options_fit_data(args: argparse.Namespace, image: bool, discrete: bool) -> None:
+    """An option that does nothing for the data given is an error, never silently dropped."""
+    kind = "images" if image else "vector data"
+    only_for = {"--levels": (args.levels, image, "images"),
+                "--hidden-channels": (args.hidden_channels, image, "images (use --hidden-dims)"),
+                "--temperature": (args.temperature, image, "images"),
+                "--hidden-dims": (args.hidden_dims, not image,
+                                  "vector data (use --hidden-channels)")}  # fmt: skip
+    for option, (value, applies, target) in only_for.items():
+        if value is not None and not applies:
+            raise _UsageError(f"{option} applies to {target}, not to {kind}")
+    if args.dequantize is not None and not discrete:
+        raise _UsageError("--dequantize applies to discrete data, not to continuous data")
+
+
 def _load_data(args: argparse.Namespace) -> tuple[str, Any]:
     from pyro_flows_ext import datasets
 
-    if args.data == "digits":
-        return "digits", datasets.load_digits_split(args.seed)
-    if args.data == "mnist":
-        return "mnist", datasets.mnist_split(args.data_dir, args.seed)
-    if args.data == "moons":
-        return "moons", datasets.load_moons(seed=args.seed)
+    named = {"digits": lambda: datasets.load_digits_split(args.seed),
+             "mnist": lambda: datasets.mnist_split(args.data_dir, args.seed),
+             "moons": lambda: datasets.load_moons(seed=args.seed)}  # fmt: skip
+    if args.data in named:
+        return args.data, named[args.data]()
     if Path(args.data).suffix.lower() in (".npy", ".csv"):
         return Path(args.data).name, datasets.load_array(args.data, args.seed)
     raise _UsageError(
@@ -232,20 +219,32 @@ def _load_data(args: argparse.Namespace) -> tuple[str, Any]:
     )
 
 
-def _make_flow(args: argparse.Namespace, shape: tuple[int, ...]) -> Any:
-    from pyro_flows_ext.flows import glow, realnvp
+def _make_preprocess(args: argparse.Namespace, split: Any) -> Any:
+    from pyro_flows_ext.train import Standardize, VariationalDequantize, as_preprocess
 
-    builder = glow if args.model == "glow" else realnvp
-    depth = {"steps" if args.model == "glow" else "couplings": args.depth}
+    shape = split.event_shape
+    if split.levels is None:
+        return Standardize.fit(split.train, len(shape), per_element=len(shape) == 1)
+    if args.dequantize == "variational":
+        return VariationalDequantize(shape, split.levels)
+    return as_preprocess(split.levels)
+
+
+def _make_flow(args: argparse.Namespace, shape: tuple[int, ...]) -> Any:
+    from pyro_flows_ext.flows import BUILDERS
+
+    builder = BUILDERS[args.model]
     if len(shape) == 1:
-        dims = None if args.hidden is None else [args.hidden] * 2
-        return builder(shape[0], hidden_dims=dims, **depth)
-    return builder(shape, args.levels, hidden_channels=args.hidden or 32, **depth)
+        dims = _sizes(args.hidden_dims, "--hidden-dims")
+        return builder(shape[0], depth=args.depth, hidden_dims=dims)
+    channels = HIDDEN_CHANNELS if args.hidden_channels is None else args.hidden_channels
+    return builder(shape, args.levels, depth=args.depth, hidden_channels=channels)
 
 
 def _describe(flow: Any) -> str:
-    keys = ("levels", "steps", "couplings", "hidden_channels", "hidden_dims")
     config = flow.config
+    width = "hidden_channels" if len(flow.event_shape) == 3 else "hidden_dims"
+    keys = ("levels", "depth", width)
     args = ", ".join(f"{k}={config[k]}" for k in keys if config.get(k) is not None)
     return f"{config['builder']}({tuple(flow.event_shape)}, {args})"
 
@@ -261,71 +260,57 @@ def _to_images(x: Any, pre: Any) -> Any:
     return decoded
 
 
+def _say(*lines: str) -> None:
+    """Print in process 0 only (under torchrun the others stay quiet)."""
+    from pyro_flows_ext.train import is_main_process
+
+    if is_main_process():
+        print(*lines, sep="\n")
+
+
+def _announce(name: str, split: Any, flow: Any, device: Any) -> None:
+    from pyro_flows_ext.train import process_count
+
+    levels = f", {split.levels} levels" if split.levels else ""
+    n_params, count = sum(p.numel() for p in flow.parameters()), process_count()
+    where = f"device {device}" + (f", {count} processes" if count > 1 else "")
+    _say(f"data: {name}, event shape {split.event_shape}{levels}; train {len(split.train)} / "
+         f"valid {len(split.valid)} / test {len(split.test)}",
+         f"model: {_describe(flow)}, {n_params:,} parameters; {where}")  # fmt: skip
+
+
+def _check_resume(args: argparse.Namespace, ckpt: Path, flow: Any, pre: Any) -> None:
+    """Say where a resumed run starts, or refuse a checkpoint of another configuration."""
+    from pyro_flows_ext.train import Checkpoint, CheckpointMismatchError
+
+    if args.restart or not ckpt.exists():
+        return
+    old = Checkpoint.read(ckpt)
+    try:
+        old.check_compatible(flow.config, pre.config(), ckpt, "use --restart or another --out")
+    except CheckpointMismatchError as err:
+        raise _UsageError(str(err)) from None
+    _say(f"resuming from {ckpt} (step {old.step})")
+
+
 def _fit(args: argparse.Namespace) -> int:
-    _positive(
-        args,
-        "levels",
-        "depth",
-        "hidden",
-        "steps",
-        "batch_size",
-        "lr",
-        "patience",
-        "eval_every",
-        "samples",
-        "temperature",
-        "threads",
-    )
+    _positive(args, "levels", "depth", "hidden_channels", "steps", "batch_size", "lr",
+              "patience", "eval_every", "samples", "temperature", "threads")  # fmt: skip
     import torch
 
     torch.set_num_threads(args.threads)
-    from pyro_flows_ext import plots
-    from pyro_flows_ext.train import (
-        Standardize,
-        VariationalDequantize,
-        as_preprocess,
-        bits_per_dim,
-        fit,
-        read_checkpoint,
-        resolve_device,
-        torchrun_env,
-    )
+    from pyro_flows_ext.train import fit, is_main_process, resolve_device
 
-    device, launch = resolve_device(args.device), torchrun_env()
-    main = launch is None or launch.rank == 0  # under torchrun, process 0 prints and writes
-
-    def say(text: str) -> None:
-        if main:
-            print(text)
-
+    device = resolve_device(args.device)
     name, split = _load_data(args)
     shape = split.event_shape
-    if split.levels is not None and args.dequantize == "variational":
-        pre: Any = VariationalDequantize(shape, split.levels)
-    elif split.levels is not None:
-        pre = split.levels
-    else:
-        pre = Standardize.fit(split.train, len(shape), per_element=len(shape) == 1)
-    pre = as_preprocess(pre)
+    _check_options_fit_data(args, image=len(shape) == 3, discrete=split.levels is not None)
+    pre = _make_preprocess(args, split)
     torch.manual_seed(args.seed)
     flow = _make_flow(args, shape)
-    out = Path(args.out)
-    ckpt = out / "model.pt"
-    levels = f", {split.levels} levels" if split.levels else ""
-    say(
-        f"data: {name}, event shape {shape}{levels}; "
-        f"train {len(split.train)} / valid {len(split.valid)} / test {len(split.test)}"
-    )
-    n_params = sum(p.numel() for p in flow.parameters())
-    where = f"device {device}" + (f", {launch.world_size} processes" if launch else "")
-    say(f"model: {_describe(flow)}, {n_params:,} parameters; {where}")
-    if ckpt.exists() and not args.restart:
-        old = read_checkpoint(ckpt)
-        if old.get("flow_config") != flow.config or old.get("preprocess") != pre.config():
-            raise _UsageError(
-                f"{ckpt} holds another model or preprocessing; use --restart or another --out"
-            )
-        say(f"resuming from {ckpt} (step {old['step']})")
+    out, ckpt = Path(args.out), Path(args.out) / "model.pt"
+    _announce(name, split, flow, device)
+    _check_resume(args, ckpt, flow, pre)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     history = fit(
@@ -334,35 +319,38 @@ def _fit(args: argparse.Namespace) -> int:
         dequantize=pre, checkpoint=ckpt, resume=not args.restart, progress=not args.no_progress,
         seed=args.seed, bf16=args.bf16, compile=args.compile,
     )  # fmt: skip
-    seconds = time.perf_counter() - start
-    if not main:
-        return 0
+    if is_main_process():
+        _report(args, name, split, flow, pre, history, time.perf_counter() - start)
+    return 0
+
+
+def _report(args: argparse.Namespace, name: str, split: Any, flow: Any, pre: Any,
+            history: Any, seconds: float) -> None:  # fmt: skip
+    """Test bits/dim, samples.png, curve.png and metrics.json (in process 0)."""
+    import torch
+
+    from pyro_flows_ext import plots
+    from pyro_flows_ext.train import bits_per_dim
+
+    out, image = Path(args.out), len(split.event_shape) == 3
     test = bits_per_dim(flow, split.test, dequantize=pre, seed=args.seed)
-    temperature = args.temperature if len(shape) == 3 else 1.0
+    temperature = (args.temperature or IMAGE_TEMPERATURE) if image else 1.0
     torch.manual_seed(args.seed)
     samples = _to_images(flow.sample((args.samples,), temperature=temperature), pre)
-    ref = split.test if len(shape) == 1 else None
-    plots.save_samples(samples, out / "samples.png", reference=ref,
+    plots.save_samples(samples, out / "samples.png", reference=None if image else split.test,
                        title=f"{_describe(flow)}, T = {temperature:g}")  # fmt: skip
     plots.save_curve(history, out / "curve.png", title=f"{name}: test {test:.3f} bits/dim")
-    metrics = {
-        "data": name,
-        "model": flow.config,
-        "dequantize": pre.config().get("kind"),
-        "test_bpd": test,
-        "best_valid_bpd": history.best_valid,
-        "best_step": history.best_step,
-        "steps": history.step[-1] if history.step else 0,
-        "stopped_early": history.stopped_early,
-        "train_seconds": round(seconds, 2),
-    }
+    steps = history.step[-1] if history.step else 0
+    metrics = {"data": name, "model": flow.config, "dequantize": pre.config().get("kind"),
+               "test_bpd": test, "best_valid_bpd": history.best_valid, "best_step":
+               history.best_step, "steps": steps, "stopped_early": history.stopped_early,
+               "train_seconds": round(seconds, 2)}  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    best = ""
-    if history.best_valid is not None:
-        best = f" (best validation {history.best_valid:.3f} at step {history.best_step})"
-    print(f"test bits/dim: {test:.3f}{best}; {metrics['steps']} steps in {seconds:.0f} s")
-    print(f"wrote {ckpt}, {out / 'samples.png'}, {out / 'curve.png'}, {out / 'metrics.json'}")
-    return 0
+    best = "" if history.best_valid is None else (
+        f" (best validation {history.best_valid:.3f} at step {history.best_step})")  # fmt: skip
+    print(f"test bits/dim: {test:.3f}{best}; {steps} steps in {seconds:.0f} s")
+    print(f"wrote {out / 'model.pt'}, {out / 'samples.png'}, {out / 'curve.png'}, "
+          f"{out / 'metrics.json'}")  # fmt: skip
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -377,21 +365,15 @@ def _sample(args: argparse.Namespace) -> int:
 
     flow, pre, _ = load_checkpoint(args.checkpoint, best=not args.last)
     image = len(flow.event_shape) == 3
-    temperature = args.temperature or (0.8 if image else 1.0)
+    temperature = args.temperature or (IMAGE_TEMPERATURE if image else 1.0)
     torch.manual_seed(args.seed)
     x = flow.sample((args.num,), temperature=temperature)
-    out = (
-        Path(args.out)
-        if args.out
-        else Path(args.checkpoint).with_name(f"samples_T{temperature:g}.png")
-    )
+    out = Path(args.out or Path(args.checkpoint).with_name(f"samples_T{temperature:g}.png"))
     plots.save_samples(_to_images(x, pre), out, title=f"T = {temperature:g}")
-    written = [str(out)]
     if args.npy:
         values = pre.to_levels(x) if isinstance(pre, Dequantize) else pre.decode(x)
         np.save(args.npy, values.cpu().numpy())
-        written.append(args.npy)
-    print(f"wrote {', '.join(written)}")
+    print(f"wrote {out}" + (f", {args.npy}" if args.npy else ""))
     return 0
 
 

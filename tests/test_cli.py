@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from pyro_flows_ext.cli import build_parser, main
+from pyro_flows_ext.flows import glow
 
-TINY = ["--steps", "6", "--depth", "1", "--hidden", "4", "--eval-every", "3", "--samples", "4",
-        "--no-progress"]  # fmt: skip
+COMMON = ["--steps", "6", "--depth", "1", "--eval-every", "3", "--samples", "4", "--no-progress"]
+TINY = [*COMMON, "--hidden-channels", "4"]  # images
+TINY_VECTORS = [*COMMON, "--hidden-dims", "4,4"]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def test_fit_again_resumes(
     out, _ = digits_run
     assert main(["fit", "--out", str(out), *TINY]) == 0
     assert "resuming from" in capsys.readouterr().out
-    assert main(["fit", "--out", str(out), *TINY[:-1], "--hidden", "8", "--no-progress"]) == 2
+    assert main(["fit", "--out", str(out), *COMMON, "--hidden-channels", "8"]) == 2
     assert "--restart" in capsys.readouterr().err
 
 
@@ -64,8 +66,24 @@ def test_sample_writes_png_and_levels(digits_run: tuple[Path, str], tmp_path: Pa
 
 @pytest.mark.parametrize("model", ["glow", "realnvp"])
 def test_fit_moons(model: str, tmp_path: Path) -> None:
-    assert main(["fit", "--data", "moons", "--model", model, "--out", str(tmp_path), *TINY]) == 0
+    args = ["fit", "--data", "moons", "--model", model, "--out", str(tmp_path), *TINY_VECTORS]
+    assert main(args) == 0
     assert (tmp_path / "samples.png").is_file()
+    config = json.loads((tmp_path / "metrics.json").read_text())["model"]
+    assert (config["builder"], config["depth"], config["hidden_dims"]) == (model, 1, [4, 4])
+
+
+def test_demo_defaults_build_the_documented_model() -> None:
+    """``pyro-flows fit`` with no arguments (``make demo``): Glow, 2 levels, depth 8, 32
+    channels, uniform dequantization of the digits' 17 levels."""
+    from pyro_flows_ext import cli
+    from pyro_flows_ext.train import Dequantize
+
+    args = build_parser().parse_args(["fit"])
+    _, split = cli._load_data(args)
+    flow = cli._make_flow(args, split.event_shape)
+    assert flow.config == glow((1, 8, 8), levels=2, depth=8, hidden_channels=32).config
+    assert cli._make_preprocess(args, split).config() == Dequantize(17).config()
 
 
 def test_fit_variational_dequantization(tmp_path: Path) -> None:
@@ -79,7 +97,7 @@ def test_fit_csv_and_image_npy(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     csv = tmp_path / "table.csv"
     csv.write_text("x,y,z\n" + "\n".join(",".join(map(str, r)) for r in rng.normal(size=(60, 3))))
-    assert main(["fit", "--data", str(csv), "--out", str(tmp_path / "a"), *TINY]) == 0
+    assert main(["fit", "--data", str(csv), "--out", str(tmp_path / "a"), *TINY_VECTORS]) == 0
     npy = tmp_path / "images.npy"
     np.save(npy, rng.integers(0, 256, size=(40, 4, 4)))
     args = ["fit", "--data", str(npy), "--model", "realnvp", "--out", str(tmp_path / "b"), *TINY]
@@ -93,6 +111,14 @@ def test_fit_csv_and_image_npy(tmp_path: Path) -> None:
         (["fit", "--data", "mnist", "--data-dir", "nowhere"], "MNIST not found"),
         (["fit", "--data", "data.txt"], "--data must be"),
         (["fit", "--steps", "0"], "--steps must be positive"),
+        (["fit", "--hidden-channels", "0"], "--hidden-channels must be positive"),
+        (["fit", "--data", "moons", "--temperature", "0.5"], "--temperature applies to images"),
+        (["fit", "--data", "moons", "--levels", "2"], "--levels applies to images"),
+        (["fit", "--data", "moons", "--hidden-channels", "8"], "--hidden-channels applies to"),
+        (["fit", "--hidden-dims", "8,8"], "--hidden-dims applies to vector data"),
+        (["fit", "--data", "moons", "--dequantize", "uniform"], "--dequantize applies to"),
+        (["fit", "--data", "moons", "--hidden-dims", "8,x"], "--hidden-dims must be positive"),
+        (["fit", "--data", "moons", "--hidden-dims", "0"], "--hidden-dims must be positive"),
         (["fit", "--device", "quantum"], "device"),
         (["sample", "missing.pt"], "no checkpoint"),
     ],

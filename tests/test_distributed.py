@@ -16,7 +16,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pyro_flows_ext.flows import Flow, glow
-from pyro_flows_ext.train import fit, setup_distributed, torchrun_env
+from pyro_flows_ext.train import (
+    fit,
+    is_main_process,
+    process_count,
+    process_rank,
+    setup_distributed,
+    torchrun_env,
+)
 from pyro_flows_ext.train.distributed import Distributed
 
 WORLD, BATCH, STEPS = 2, 16, 6
@@ -26,7 +33,7 @@ SETTINGS: dict[str, Any] = dict(steps=STEPS, lr=1e-2, warmup=2, eval_every=3, de
 
 def _flow(init_seed: int) -> Flow:
     torch.manual_seed(init_seed)  # a different start in each process: DDP broadcasts rank 0's
-    return glow((1, 4, 4), levels=1, steps=2, hidden_channels=4).double()
+    return glow((1, 4, 4), levels=1, depth=2, hidden_channels=4).double()
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +155,7 @@ def test_cli_under_torchrun(tmp_path: Path) -> None:
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "pyro_flows_ext", "fit",
-               "--data", "moons", "--model", "realnvp", "--depth", "2", "--hidden", "8",
+               "--data", "moons", "--model", "realnvp", "--depth", "2", "--hidden-dims", "8,8",
                "--steps", "6", "--eval-every", "3", "--batch-size", "32", "--samples", "8",
                "--no-progress", "--out", str(tmp_path)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -157,3 +164,13 @@ def test_cli_under_torchrun(tmp_path: Path) -> None:
     for name in ("model.pt", "samples.png", "curve.png", "metrics.json"):
         assert (tmp_path / name).exists()
     assert torch.load(tmp_path / "model.pt", weights_only=True)["fit"]["world_size"] == 2
+
+
+def test_process_rank_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI asks these (not the environment) which process prints and writes."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert (process_rank(), process_count(), is_main_process()) == (0, 1, True)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert (process_rank(), process_count(), is_main_process()) == (1, 3, False)

@@ -1,8 +1,22 @@
 """Maximum-likelihood training of flows: preprocessing, metrics, ``fit``, checkpoints."""
 
-from pyro_flows_ext.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from pyro_flows_ext.train.distributed import Distributed, setup_distributed, torchrun_env
-from pyro_flows_ext.train.fit import History, TrainingDivergedError, fit, resolve_device
+from pyro_flows_ext.train.checkpoint import (
+    Checkpoint,
+    CheckpointMismatchError,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from pyro_flows_ext.train.config import FitConfig, resolve_device
+from pyro_flows_ext.train.distributed import (
+    Distributed,
+    is_main_process,
+    process_count,
+    process_rank,
+    setup_distributed,
+    torchrun_env,
+)
+from pyro_flows_ext.train.fit import fit
 from pyro_flows_ext.train.metrics import bits_per_dim, log_likelihood, nll
 from pyro_flows_ext.train.preprocess import (
     Dequantize,
@@ -11,11 +25,15 @@ from pyro_flows_ext.train.preprocess import (
     Standardize,
     as_preprocess,
 )
+from pyro_flows_ext.train.state import History, TrainingDivergedError
 from pyro_flows_ext.train.vardeq import VariationalDequantize
 
 __all__ = [
+    "Checkpoint",
+    "CheckpointMismatchError",
     "Dequantize",
     "Distributed",
+    "FitConfig",
     "History",
     "Identity",
     "Preprocess",
@@ -25,9 +43,12 @@ __all__ = [
     "as_preprocess",
     "bits_per_dim",
     "fit",
+    "is_main_process",
     "load_checkpoint",
     "log_likelihood",
     "nll",
+    "process_count",
+    "process_rank",
     "read_checkpoint",
     "resolve_device",
     "save_checkpoint",

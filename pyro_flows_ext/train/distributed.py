@@ -45,7 +45,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["Distributed", "TorchrunEnv", "backend_for", "setup_distributed", "torchrun_env"]
+__all__ = [
+    "Distributed",
+    "TorchrunEnv",
+    "backend_for",
+    "check_distributed",
+    "is_main_process",
+    "process_count",
+    "process_rank",
+    "setup_distributed",
+    "torchrun_env",
+]
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,40 @@ def torchrun_env() -> TorchrunEnv | None:
     if not 0 <= rank < world:
         raise ValueError(f"RANK must be in [0, WORLD_SIZE), got RANK={rank}, WORLD_SIZE={world}")
     return TorchrunEnv(rank, world, local)
+
+
+def process_rank() -> int:
+    """This process's global rank: from the initialised process group, else from
+    ``torchrun``'s environment, else 0.
+
+    Example:
+        >>> process_rank() >= 0
+        True
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    env = torchrun_env()
+    return 0 if env is None else env.rank
+
+
+def process_count() -> int:
+    """The number of processes of the run (1 outside ``torchrun`` and process groups)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    env = torchrun_env()
+    return 1 if env is None else env.world_size
+
+
+def is_main_process() -> bool:
+    """Whether this is process 0, the one that prints and writes files."""
+    return process_rank() == 0
+
+
+def check_distributed(distributed: object) -> bool | None:
+    """``distributed`` if it is ``True``, ``False`` or ``None`` (else a ``TypeError``)."""
+    if not (distributed is None or isinstance(distributed, bool)):
+        raise TypeError(f"distributed must be True, False or None, got {distributed!r}")
+    return distributed
 
 
 def backend_for(device: torch.device) -> str:
@@ -189,9 +233,7 @@ def setup_distributed(distributed: bool | None, device: torch.device) -> Distrib
         >>> setup_distributed(False, torch.device("cpu")).world_size
         1
     """
-    if not (distributed is None or isinstance(distributed, bool)):
-        raise TypeError(f"distributed must be True, False or None, got {distributed!r}")
-    if distributed is False:
+    if check_distributed(distributed) is False:
         return Distributed(device=device)
     env = torchrun_env()
     if dist.is_available() and dist.is_initialized():

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pyro_flows_ext.checks import positive_int
 from pyro_flows_ext.flows import Flow
-from pyro_flows_ext.train.preprocess import Preprocess, as_preprocess
+from pyro_flows_ext.train.preprocess import DequantizeSpec, Preprocess, as_preprocess
 
 __all__ = ["as_tensor_data", "bits_per_dim", "log_likelihood", "nll"]
 
@@ -45,14 +46,8 @@ def log_likelihood(
     return flow.log_prob(y) + log_det
 
 
-def nll(
-    flow: Flow,
-    data: Any,
-    *,
-    dequantize: Preprocess | int | None = None,
-    batch_size: int = 500,
-    seed: int = 0,
-) -> float:
+def nll(flow: Flow, data: Any, *, dequantize: DequantizeSpec = None, batch_size: int = 500,
+        seed: int = 0) -> float:  # fmt: skip
     """Mean negative log-likelihood of ``data`` in nats per example.
 
     Args:
@@ -70,8 +65,12 @@ def nll(
         >>> round(nll(Flow(2, []), x), 4) == round(2 * 0.5 * math.log(2 * math.pi), 4)
         True
     """
-    x_all = as_tensor_data(data, flow.event_shape)
+    if not isinstance(flow, Flow):
+        raise TypeError(f"flow must be a pyro_flows_ext Flow, got {type(flow).__name__}")
+    positive_int("batch_size", batch_size)
+    positive_int("seed", seed, minimum=0)
     pre = as_preprocess(dequantize)
+    x_all = as_tensor_data(data, flow.event_shape)
     pre.validate(x_all)
     device = flow.base_loc.device
     generator = torch.Generator().manual_seed(seed)
@@ -83,14 +82,8 @@ def nll(
     return total / x_all.shape[0]
 
 
-def bits_per_dim(
-    flow: Flow,
-    data: Any,
-    *,
-    dequantize: Preprocess | int | None = None,
-    batch_size: int = 500,
-    seed: int = 0,
-) -> float:
+def bits_per_dim(flow: Flow, data: Any, *, dequantize: DequantizeSpec = None, batch_size: int = 500,
+                 seed: int = 0) -> float:  # fmt: skip
     """``nll / (D log 2)``: negative log-likelihood in bits per dimension (see :func:`nll`).
 
     Example:

@@ -21,12 +21,18 @@ the usual dequantization bound, comparable with published figures.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Dequantize", "Identity", "Preprocess", "Standardize", "as_preprocess"]
+from pyro_flows_ext.checks import check_bool, positive_float, positive_int
+
+__all__ = ["DequantizeSpec", "Dequantize", "Identity", "Preprocess", "Standardize", "as_preprocess"]
+
+# ``config()["kind"]`` -> the class that rebuilds it (filled by ``Preprocess.__init_subclass__``,
+# so that a subclass defined in another module registers itself: the dependency goes one way)
+_KINDS: dict[str, type[Preprocess]] = {}
 
 
 def _sum_event(t: Tensor, event_dim: int) -> Tensor:
@@ -38,11 +44,23 @@ class Preprocess:
 
     Subclasses implement :meth:`__call__` (raw data to the flow's space, with the
     log-determinant per example), :meth:`decode` (the flow's space back to data units, for
-    plots and samples) and :meth:`config` (a dict of plain values, stored in checkpoints;
-    :func:`as_preprocess` rebuilds the object from it).
+    plots and samples) and :meth:`config` (a dict of plain values, stored in checkpoints,
+    whose ``"kind"`` is the class's ``kind``; :func:`as_preprocess` rebuilds the object from
+    it with :meth:`from_config`). Defining a subclass with a new ``kind`` registers it.
     """
 
     discrete = False
+    kind: ClassVar[str] = "identity"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            _KINDS[cls.kind] = cls
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Preprocess:
+        """The object that :meth:`config` described (``"kind"`` already removed)."""
+        return cls(**config)
 
     def __call__(
         self, x: Tensor, event_dim: int, generator: torch.Generator | None = None
@@ -66,7 +84,7 @@ class Preprocess:
         return y
 
     def config(self) -> dict[str, Any]:
-        return {"kind": "identity"}
+        return {"kind": self.kind}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "kind")
@@ -74,6 +92,7 @@ class Preprocess:
 
 
 Identity = Preprocess
+_KINDS[Preprocess.kind] = Preprocess
 
 
 class Dequantize(Preprocess):
@@ -97,15 +116,14 @@ class Dequantize(Preprocess):
     """
 
     discrete = True
+    kind = "dequantize"
 
     def __init__(self, levels: int, alpha: float = 0.05, logit: bool = True) -> None:
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-            raise ValueError(f"levels must be an int >= 2, got {levels!r}")
-        if not 0 <= alpha < 0.5 or (logit and alpha == 0):
-            raise ValueError(f"alpha must lie in (0, 0.5) with the logit, got {alpha!r}")
-        self.levels = levels
-        self.alpha = float(alpha)
-        self.logit = bool(logit)
+        self.levels = positive_int("levels", levels, minimum=2)
+        self.logit = check_bool("logit", logit)
+        self.alpha = positive_float("alpha", alpha, allow_zero=not logit)
+        if self.alpha >= 0.5:
+            raise ValueError(f"alpha must be < 0.5, got {alpha!r}")
 
     def __call__(
         self, x: Tensor, event_dim: int, generator: torch.Generator | None = None
@@ -148,7 +166,7 @@ class Dequantize(Preprocess):
 
     def config(self) -> dict[str, Any]:
         return {
-            "kind": "dequantize",
+            "kind": self.kind,
             "levels": self.levels,
             "alpha": self.alpha,
             "logit": self.logit,
@@ -169,17 +187,23 @@ class Standardize(Preprocess):
         (True, True)
     """
 
+    kind = "standardize"
+
     def __init__(self, mean: Tensor | float, std: Tensor | float) -> None:
-        mean_t = torch.as_tensor(mean, dtype=torch.float64)
-        std_t = torch.as_tensor(std, dtype=torch.float64)
-        if not bool(torch.isfinite(mean_t).all()) or not bool((std_t > 0).all()):
-            raise ValueError("Standardize needs a finite mean and a positive std")
-        self.mean, self.std = mean_t, std_t
+        self.mean, self.std = _float64("mean", mean), _float64("std", std)
+        if not bool(torch.isfinite(self.mean).all()):
+            raise ValueError("Standardize needs a finite mean")
+        if not bool((self.std > 0).all()) or not bool(torch.isfinite(self.std).all()):
+            raise ValueError("Standardize needs a positive, finite std")
 
     @classmethod
     def fit(cls, data: Tensor, event_dim: int, per_element: bool = True) -> Standardize:
         """Mean and std of ``data`` per element of the event (or one scalar each)."""
-        x = torch.as_tensor(data, dtype=torch.float64)
+        event_dim = positive_int("event_dim", event_dim, minimum=0)
+        check_bool("per_element", per_element)
+        x = _float64("data", data)
+        if x.dim() < event_dim:
+            raise ValueError(f"data of shape {tuple(x.shape)} have fewer than {event_dim} dims")
         x = x.reshape((-1,) + tuple(x.shape[x.dim() - event_dim :]))
         if not per_element:
             return cls(x.mean(), x.std().clamp_min(1e-8))
@@ -201,39 +225,40 @@ class Standardize(Preprocess):
         return y * self.std.to(y.device, y.dtype) + self.mean.to(y.device, y.dtype)
 
     def config(self) -> dict[str, Any]:
-        return {"kind": "standardize", "mean": self.mean.tolist(), "std": self.std.tolist()}
+        return {"kind": self.kind, "mean": self.mean.tolist(), "std": self.std.tolist()}
 
 
-def as_preprocess(spec: Preprocess | int | dict[str, Any] | None) -> Preprocess:
+def _float64(name: str, value: Any) -> Tensor:
+    try:
+        return torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a tensor or a number, got {value!r}") from None
+
+
+DequantizeSpec = Preprocess | int | None
+"""What ``dequantize=`` arguments accept: ``None`` (continuous data), a number of levels, or a
+:class:`Preprocess`."""
+
+
+def as_preprocess(spec: DequantizeSpec | dict[str, Any]) -> Preprocess:
     """``None`` -> :class:`Identity`; an int ``L`` -> ``Dequantize(L)``; a config dict ->
     the object it describes; a :class:`Preprocess` is returned as it is.
 
     Example:
         >>> as_preprocess(256)
         Dequantize(levels=256, alpha=0.05, logit=True)
+        >>> as_preprocess({"kind": "identity"})
+        Preprocess()
     """
     if spec is None:
         return Identity()
     if isinstance(spec, Preprocess):
         return spec
     if isinstance(spec, int) and not isinstance(spec, bool):
-        return Dequantize(spec)
-    if isinstance(spec, dict):
+        return Dequantize(positive_int("dequantize (a number of levels)", spec, minimum=2))
+    if isinstance(spec, dict) and spec.get("kind") in _KINDS:
         kw = dict(spec)
-        kind = kw.pop("kind", None)
-        if kind == "identity":
-            return Identity()
-        if kind == "dequantize":
-            return Dequantize(**kw)
-        if kind == "variational":
-            from pyro_flows_ext.train.vardeq import VariationalDequantize
-
-            return VariationalDequantize(**kw)
-        if kind == "standardize":
-            f64 = torch.float64
-            return Standardize(
-                torch.tensor(kw["mean"], dtype=f64), torch.tensor(kw["std"], dtype=f64)
-            )
+        return _KINDS[kw.pop("kind")].from_config(kw)
     raise TypeError(
         f"dequantize must be None, a number of levels, a Preprocess or its config, got {spec!r}"
     )

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyro_flows_ext.nn import ConvNet, mlp
+from pyro_flows_ext.checks import as_event_shape, positive_float, positive_int
+from pyro_flows_ext.nn import HIDDEN_CHANNELS, ConvNet, mlp
 from pyro_flows_ext.train.preprocess import Dequantize, _sum_event
 
 __all__ = ["VariationalDequantize"]
@@ -37,7 +38,7 @@ class VariationalDequantize(Dequantize, nn.Module):
         event_shape: ``D`` or ``(C, H, W)`` of the data.
         levels, alpha, logit: as for :class:`~pyro_flows_ext.train.Dequantize`.
         hidden: width of the network of ``x`` (conv channels for images, MLP units for
-            vectors).
+            vectors; default :data:`~pyro_flows_ext.nn.HIDDEN_CHANNELS`).
         clamp: bound of the log-scale ``s`` (soft clamp ``clamp * tanh(s / clamp)``).
 
     Example:
@@ -50,23 +51,22 @@ class VariationalDequantize(Dequantize, nn.Module):
     Reference: Ho, Chen, Srinivas, Duan & Abbeel (2019), Flow++.
     """
 
+    kind = "variational"
+
     def __init__(
         self,
         event_shape: int | tuple[int, ...],
         levels: int,
         alpha: float = 0.05,
         logit: bool = True,
-        hidden: int = 32,
+        hidden: int = HIDDEN_CHANNELS,
         clamp: float = 3.0,
     ) -> None:
         nn.Module.__init__(self)
         Dequantize.__init__(self, levels, alpha, logit)
-        shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
-        if len(shape) not in (1, 3) or not all(isinstance(s, int) and s > 0 for s in shape):
-            raise ValueError(f"event_shape must be D or (C, H, W), got {event_shape!r}")
-        self.event_shape = shape
-        self.hidden = int(hidden)
-        self.clamp = float(clamp)
+        self.event_shape = shape = as_event_shape(event_shape)
+        self.hidden = positive_int("hidden", hidden)
+        self.clamp = positive_float("clamp", clamp)
         c = shape[0]
         self.net: nn.Module
         if len(shape) == 3:
@@ -97,7 +97,7 @@ class VariationalDequantize(Dequantize, nn.Module):
     def config(self) -> dict[str, Any]:
         return {
             **super().config(),
-            "kind": "variational",
+            "kind": self.kind,
             "event_shape": list(self.event_shape),
             "hidden": self.hidden,
             "clamp": self.clamp,
