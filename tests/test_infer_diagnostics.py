@@ -62,7 +62,7 @@ def hierarchical(y: torch.Tensor) -> None:
 
 
 def hierarchical_guide() -> AutoCouplingFlow:
-    return AutoCouplingFlow(hierarchical, num_layers=1, init="loc", init_scale=0.5)
+    return AutoCouplingFlow(hierarchical, depth=1, init="loc", init_scale=0.5)
 
 
 # ------------------------------------------------------------------ k-hat -----------------

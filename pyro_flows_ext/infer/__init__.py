@@ -9,10 +9,15 @@
 * :func:`to_inference_data`, :func:`psis_khat`, :func:`importance_resample`: ArviZ
   diagnostics of any guide (:mod:`pyro_flows_ext.infer.diagnostics`);
 * :func:`plot_pairs`: pair plot of guide draws against reference draws.
+
+The guides compose layers of :mod:`pyro_flows_ext.transforms` (couplings,
+:class:`~pyro_flows_ext.transforms.PermuteTransform`,
+:class:`~pyro_flows_ext.transforms.LowerAffine`,
+:class:`~pyro_flows_ext.transforms.ConditionalShift`) and networks of
+:mod:`pyro_flows_ext.nn` (:class:`~pyro_flows_ext.nn.DampedMLP`).
 """
 
-from pyro_flows_ext.infer.affine import LowerAffine, PermuteTransform
-from pyro_flows_ext.infer.amortized import AutoConditionalCouplingFlow, ConditionalShift
+from pyro_flows_ext.infer.amortized import AutoConditionalCouplingFlow
 from pyro_flows_ext.infer.diagnostics import importance_resample, psis_khat, to_inference_data
 from pyro_flows_ext.infer.guide import AutoCouplingFlow
 from pyro_flows_ext.infer.importance import (
@@ -28,12 +33,9 @@ from pyro_flows_ext.infer.stl import StickingTheLanding
 __all__ = [
     "AutoConditionalCouplingFlow",
     "AutoCouplingFlow",
-    "ConditionalShift",
     "ImportanceDraws",
     "LaplaceResult",
-    "LowerAffine",
     "ParetoK",
-    "PermuteTransform",
     "StickingTheLanding",
     "importance_draws",
     "importance_resample",

@@ -6,51 +6,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from pyro.distributions.conditional import ConditionalTransformModule
-from pyro.distributions.transforms import AffineTransform
-from pyro.infer.autoguide.initialization import init_to_median
 from torch import Tensor, nn
 from torch.distributions import Transform
 
-from pyro_flows_ext.infer.affine import PermuteTransform
 from pyro_flows_ext.infer.guide import AutoCouplingFlow
-from pyro_flows_ext.infer.nets import DampedMLP
-from pyro_flows_ext.transforms import ConditionalAffineCoupling
-from pyro_flows_ext.transforms.masks import make_partition
+from pyro_flows_ext.transforms import ConditionalAffineCoupling, ConditionalShift, Partition
 
-__all__ = ["AutoConditionalCouplingFlow", "ConditionalShift"]
+__all__ = ["AutoConditionalCouplingFlow"]
 
-
-class _ContextMLP(DampedMLP):
-    """``(x_A, context) -> (t, h)``: a :class:`DampedMLP` on ``[x_A, context]``."""
-
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        if context is None:
-            raise ValueError("this conditioner needs a context")
-        context = context.expand(x.shape[:-1] + context.shape[-1:])
-        return super().forward(torch.cat([x, context], dim=-1))
-
-
-class ConditionalShift(ConditionalTransformModule):
-    """``y = x + W c + b`` with ``W, b`` from a zero-initialised
-    :class:`~pyro_flows_ext.infer.nets.DampedMLP` without hidden layers (``log|det| = 0``).
-
-    Example:
-        >>> import torch
-        >>> t = ConditionalShift(3, context_dim=2)
-        >>> t.condition(torch.ones(2))(torch.zeros(3)).tolist()  # zero at initialisation
-        [0.0, 0.0, 0.0]
-    """
-
-    def __init__(self, dim: int, context_dim: int, lr_scale: float = 0.1) -> None:
-        super().__init__()
-        self.dim = dim
-        self.context_dim = context_dim
-        self.net = DampedMLP(context_dim, dim, [], lr_scale=lr_scale)
-
-    def condition(self, context: Tensor) -> Transform:
-        return AffineTransform(self.net(context), 1.0, event_dim=1)
+_NOT_AMORTISED = ("init", "laplace_options", "init_elbo_samples")
 
 
 class AutoConditionalCouplingFlow(AutoCouplingFlow):
@@ -64,11 +29,14 @@ class AutoConditionalCouplingFlow(AutoCouplingFlow):
         \\qquad \\epsilon \\sim \\mathcal N(0, I_D),
 
     where every :math:`g_k` is a :class:`~pyro_flows_ext.transforms.ConditionalAffineCoupling`
-    (its network sees the context) followed by a fixed permutation, ``W, b`` start at zero and
-    the final affine layer starts at :math:`\\mathcal N(c_0, \\text{init\\_scale}^2 I)` with
-    :math:`c_0` the ``init_loc_fn`` point of the first data set, so a fresh guide is the
-    diagonal Gaussian of ``AutoCouplingFlow(init="loc")`` for every context. Train it with SVI
-    on many data sets (e.g. simulated from the prior predictive), then ``guide(*new_args)``,
+    (its :class:`~pyro_flows_ext.nn.DampedMLP` sees the context) followed by the mixing layer
+    of :class:`~pyro_flows_ext.infer.AutoCouplingFlow` (a fixed permutation by default),
+    ``W c + b`` is a :class:`~pyro_flows_ext.transforms.ConditionalShift` that starts at zero
+    and the final :class:`~pyro_flows_ext.transforms.LowerAffine` layer starts at
+    :math:`\\mathcal N(c_0, \\text{init\\_scale}^2 I)` with :math:`c_0` the ``init_loc_fn``
+    point of the first data set, so a fresh guide is the diagonal Gaussian of
+    ``AutoCouplingFlow(init="loc")`` for every context. Train it with SVI on many data sets
+    (e.g. simulated from the prior predictive), then ``guide(*new_args)``,
     ``median(*new_args)`` and ``quantiles(q, *new_args)`` answer for new data without
     refitting. There is no Laplace start (it would depend on one data set); the context should
     be roughly standardised, since the networks see it as it is.
@@ -77,49 +45,34 @@ class AutoConditionalCouplingFlow(AutoCouplingFlow):
         model: a Pyro model whose latent sites are all continuous, with the same latent shapes
             for every data set.
         context_fn: maps the model's ``*args, **kwargs`` to a context vector ``(C,)``.
-        num_layers, hidden_dims, init_loc_fn, init_scale, scale, clamp, stl, net_lr_scale:
-            as for :class:`~pyro_flows_ext.infer.AutoCouplingFlow`.
+        options: keyword arguments of :class:`~pyro_flows_ext.infer.AutoCouplingFlow`
+            (``depth``, ``hidden_dims``, ``mixing``, ``actnorm``, ``init_loc_fn``,
+            ``init_scale``, ``scale``, ``clamp``, ``stl``, ``net_lr_scale``) with the same
+            defaults; the default ``hidden_dims`` count the context among the network's
+            inputs. ``init``, ``laplace_options`` and ``init_elbo_samples`` (the Laplace start)
+            do not apply.
 
     Example:
         >>> import torch, pyro, pyro.distributions as dist
         >>> def model(y):
         ...     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
         ...     pyro.sample("y", dist.Normal(mu, 1.0).expand([3]).to_event(1), obs=y)
-        >>> guide = AutoConditionalCouplingFlow(model, context_fn=lambda y: y)
+        >>> guide = AutoConditionalCouplingFlow(model, context_fn=lambda y: y, depth=2)
         >>> guide(torch.zeros(3))["mu"].shape, guide.context_dim
         (torch.Size([]), 3)
     """
 
     def __init__(
-        self,
-        model: Callable[..., Any],
-        context_fn: Callable[..., Tensor],
-        *,
-        num_layers: int = 3,
-        hidden_dims: Any = None,
-        init_loc_fn: Callable[..., Any] = init_to_median,
-        init_scale: float = 0.1,
-        scale: str = "exp",
-        clamp: float = 3.0,
-        stl: bool = True,
-        net_lr_scale: float = 0.1,
+        self, model: Callable[..., Any], context_fn: Callable[..., Tensor], **options: Any
     ) -> None:
         if not callable(context_fn):
             raise TypeError(f"context_fn must be callable, got {type(context_fn).__name__}")
+        wrong = [name for name in _NOT_AMORTISED if name in options]
+        if wrong:
+            raise TypeError(f"{type(self).__name__} has no Laplace start: {wrong} do not apply")
         self.context_fn = context_fn
         self.context_dim = 0
-        super().__init__(
-            model,
-            num_layers=num_layers,
-            hidden_dims=hidden_dims,
-            init="loc",
-            init_scale=init_scale,
-            scale=scale,
-            clamp=clamp,
-            stl=stl,
-            net_lr_scale=net_lr_scale,
-            init_loc_fn=init_loc_fn,
-        )
+        super().__init__(model, init="loc", **options)
 
     def _context(self, *args: Any, **kwargs: Any) -> Tensor:
         context = self.context_fn(*args, **kwargs)
@@ -141,24 +94,21 @@ class AutoConditionalCouplingFlow(AutoCouplingFlow):
         self.context_dim = self._context(*args, **kwargs).shape[0]
         super()._setup_prototype(*args, **kwargs)
 
+    def _coupling(self, part: Partition, parity: int) -> nn.Module:
+        net = self._net(part, self.context_dim)
+        return ConditionalAffineCoupling(
+            part.event_shape,
+            net,
+            self.context_dim,
+            "half",
+            parity,
+            scale=self.scale,
+            clamp=self.clamp,
+        )
+
     def _couplings(self, dim: int) -> list[nn.Module]:
-        layers: list[nn.Module] = []
-        if dim >= 2:
-            hidden = self.hidden_dims or (max(32, 2 * (dim + self.context_dim)),) * 2
-            for _ in range(self.num_layers):
-                part = make_partition((dim,), "half", parity=0)
-                net = _ContextMLP(
-                    part.conditioner_shape[0] + self.context_dim,
-                    2 * part.transformed_shape[0],
-                    hidden,
-                    lr_scale=self.net_lr_scale,
-                )
-                coupling = ConditionalAffineCoupling(
-                    (dim,), net, self.context_dim, "half", 0, scale=self.scale, clamp=self.clamp
-                )
-                layers += [coupling, PermuteTransform(dim)]
-        layers.append(ConditionalShift(dim, self.context_dim, self.net_lr_scale))
-        return layers
+        shift = ConditionalShift(dim, self.context_dim, self.net_lr_scale)
+        return [*super()._couplings(dim), shift]
 
     def _flow(self, *args: Any, **kwargs: Any) -> list[Transform]:
         context = self._context(*args, **kwargs).to(self._base_loc)

@@ -14,6 +14,7 @@ import torch
 from pyro import poutine
 from torch import Tensor
 
+from pyro_flows_ext.checks import check_bool, positive_int
 from pyro_flows_ext.infer.importance import (
     ImportanceDraws,
     ParetoK,
@@ -87,6 +88,8 @@ def importance_resample(
         >>> bool(abs(draws["x"].mean() - 1.0) < 0.15)
         True
     """
+    if num_draws is not None:
+        positive_int("num_draws", num_draws)
     d = importance_draws(model, guide, *args, num_samples=num_samples, **kwargs)
     smoothed, _ = d.psis()
     probs = torch.as_tensor(np.exp(smoothed - smoothed.max()), dtype=torch.float64)
@@ -127,26 +130,14 @@ def to_inference_data(
         >>> idata.posterior["mu"].shape, idata.posterior_predictive["y"].dims
         ((1, 50), ('chain', 'draw', 'data'))
     """
-    az = _arviz()
+    check_bool("posterior_predictive", posterior_predictive)
     d = importance_draws(model, guide, *args, num_samples=num_samples, **kwargs)
+    az = _arviz()
     smoothed, khat = d.psis()
-
-    def arr(t: Tensor) -> np.ndarray:
-        return t.detach().cpu().numpy()[None]
-
-    posterior = {k: arr(v) for k, v in {**d.latents, **d.deterministic}.items()}
-    stats = {
-        "log_weight": arr(d.log_weights),
-        "lp": arr(d.log_p),
-        "log_q": arr(d.log_q),
-        "psis_log_weight": smoothed[None],
-    }
-    groups: dict[str, Any] = {"posterior": posterior, "sample_stats": stats}
-    if d.observed:
-        groups["observed_data"] = {k: v.detach().cpu().numpy() for k, v in d.observed.items()}
-        if posterior_predictive:
-            pp = _posterior_predictive(model, d, args, kwargs)
-            groups["posterior_predictive"] = {k: arr(v) for k, v in pp.items()}
+    groups = _groups(d, smoothed)
+    if d.observed and posterior_predictive:
+        pp = _posterior_predictive(model, d, args, kwargs)
+        groups["posterior_predictive"] = {k: _chain(v) for k, v in pp.items()}
     attrs = {
         "inference_library": "pyro",
         "inference_library_version": pyro.__version__,
@@ -159,3 +150,23 @@ def to_inference_data(
         idata = az.from_dict(**groups, dims=d.dims, attrs=attrs)
     idata.sample_stats.attrs.update(pareto_k=khat.khat, pareto_k_verdict=khat.verdict)
     return idata
+
+
+def _chain(t: Tensor) -> np.ndarray:
+    """Draws ``(S, ...)`` as one chain ``(1, S, ...)``."""
+    return t.detach().cpu().numpy()[None]
+
+
+def _groups(d: ImportanceDraws, smoothed: np.ndarray) -> dict[str, Any]:
+    """The ``posterior``, ``sample_stats`` and (with observations) ``observed_data`` groups."""
+    posterior = {k: _chain(v) for k, v in {**d.latents, **d.deterministic}.items()}
+    stats = {
+        "log_weight": _chain(d.log_weights),
+        "lp": _chain(d.log_p),
+        "log_q": _chain(d.log_q),
+        "psis_log_weight": smoothed[None],
+    }
+    groups: dict[str, Any] = {"posterior": posterior, "sample_stats": stats}
+    if d.observed:
+        groups["observed_data"] = {k: v.detach().cpu().numpy() for k, v in d.observed.items()}
+    return groups

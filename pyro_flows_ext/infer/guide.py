@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -15,15 +14,23 @@ from torch import Tensor, nn
 from torch.distributions import Transform, biject_to
 from torch.distributions.transforms import ComposeTransform
 
-from pyro_flows_ext.infer.affine import LowerAffine, PermuteTransform
-from pyro_flows_ext.infer.nets import DampedMLP, damp_parameters_
+from pyro_flows_ext.checks import check_bool, hidden_sizes, one_of, positive_float, positive_int
+from pyro_flows_ext.infer.laplace import ModeSearch
 from pyro_flows_ext.infer.start import LogJoint, gaussian_start
 from pyro_flows_ext.infer.stl import StickingTheLanding
-from pyro_flows_ext.transforms import ActNorm, AffineCoupling, InvertibleLinear
+from pyro_flows_ext.nn import DampedMLP, damp_parameters_, default_hidden_dims
+from pyro_flows_ext.transforms import (
+    ActNorm,
+    AffineCoupling,
+    InvertibleLinear,
+    LowerAffine,
+    Partition,
+    PermuteTransform,
+)
 from pyro_flows_ext.transforms.coupling import SCALES
 from pyro_flows_ext.transforms.masks import make_partition
 
-__all__ = ["AutoCouplingFlow"]
+__all__ = ["AutoCouplingFlow", "coupling_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +38,36 @@ MIXINGS = ("lu", "permute")
 INITS = ("laplace", "loc")
 
 
-def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+def coupling_steps(
+    dim: int,
+    depth: int,
+    coupling: Callable[[Partition, int], nn.Module],
+    mixing: Callable[[], list[nn.Module]],
+    alternate: bool = False,
+) -> list[nn.Module]:
+    """``depth`` flow steps over vectors of ``dim`` features: each is
+    ``coupling(partition, parity)`` on a ``half`` split followed by the layers ``mixing()``
+    returns. With ``alternate`` the
+    split's parity alternates between steps (needed when the mixing does not swap the halves
+    itself, as :class:`~pyro_flows_ext.transforms.PermuteTransform` does). No steps for
+    ``dim < 2`` (nothing to couple).
+
+    Example:
+        >>> from pyro_flows_ext.transforms import affine_coupling
+        >>> steps = coupling_steps(
+        ...     4, 2, lambda part, parity: affine_coupling(4, [8], parity=parity), lambda: []
+        ... )
+        >>> len(steps), coupling_steps(1, 2, None, None)
+        (2, [])
+    """
+    layers: list[nn.Module] = []
+    if dim < 2:
+        return layers
+    for k in range(depth):
+        parity = k % 2 if alternate else 0
+        layers.append(coupling(make_partition((dim,), "half", parity), parity))
+        layers += mixing()
+    return layers
 
 
 class AutoCouplingFlow(AutoContinuous):
@@ -50,12 +83,13 @@ class AutoCouplingFlow(AutoContinuous):
         \\qquad \\epsilon \\sim \\mathcal N(0, I_D),
 
     where each step :math:`g_k` is an :class:`~pyro_flows_ext.transforms.AffineCoupling`
-    (alternating halves, a zero-initialised :class:`~pyro_flows_ext.infer.nets.DampedMLP`
-    conditioner) followed by a mixing layer: a fixed random permutation (default) or a learned
+    (alternating halves, a zero-initialised :class:`~pyro_flows_ext.nn.DampedMLP`
+    conditioner) followed by a mixing layer: a fixed random permutation
+    (:class:`~pyro_flows_ext.transforms.PermuteTransform`, default) or a learned
     :class:`~pyro_flows_ext.transforms.InvertibleLinear` in LU form, optionally with Glow's
     :class:`~pyro_flows_ext.transforms.ActNorm` (never initialised from data). ``c`` and the
     lower-triangular ``P`` are fixed and ``a``, lower-triangular ``B`` are learned
-    (:class:`~pyro_flows_ext.infer.affine.LowerAffine`), so with the couplings at the identity
+    (:class:`~pyro_flows_ext.transforms.LowerAffine`), so with the couplings at the identity
     the guide is a full-rank Gaussian like ``AutoMultivariateNormal``. A fresh guide is exactly
     the Gaussian :math:`\\mathcal N(c, (P B_0)(P B_0)^\\top)`:
 
@@ -96,10 +130,11 @@ class AutoCouplingFlow(AutoContinuous):
 
     Args:
         model: a Pyro model whose latent sites are all continuous.
-        num_layers: flow steps ``K`` (0 gives the Gaussian ``N(loc, L L^T)``); with a single
+        depth: flow steps ``K`` (0 gives the Gaussian ``N(loc, L L^T)``); with a single
             latent dimension there is nothing to couple and the guide is Gaussian.
-        hidden_dims: hidden sizes of each coupling's MLP (default two layers of
-            ``max(32, 2 * D)``).
+        hidden_dims: hidden sizes of each coupling's MLP (default
+            :func:`~pyro_flows_ext.nn.default_hidden_dims` of its input: two layers of
+            ``max(64, 2 * D)``).
         mixing: ``"permute"`` (fixed random permutation) or ``"lu"`` (learned invertible
             linear map, trained at ``net_lr_scale`` times the step size; in the posteriordb
             benchmark it was slower and less stable than a permutation, since the final
@@ -113,14 +148,15 @@ class AutoCouplingFlow(AutoContinuous):
         scale, clamp: the couplings' log-scale bound (see
             :class:`~pyro_flows_ext.transforms.AffineCoupling`).
         net_lr_scale: the couplings' networks (and the LU and ActNorm layers) learn at this
-            fraction of the optimiser's step size (:class:`~pyro_flows_ext.infer.nets.DampedMLP`,
-            :func:`~pyro_flows_ext.infer.nets.damp_parameters_`), so that one step size suits
+            fraction of the optimiser's step size (:class:`~pyro_flows_ext.nn.DampedMLP`,
+            :func:`~pyro_flows_ext.nn.damp_parameters_`), so that one step size suits
             the Gaussian part and the networks.
         stl: use the sticking-the-landing (path-derivative) gradient of ``log q`` (see
             :class:`~pyro_flows_ext.infer.stl.StickingTheLanding`); on by default (it was more
             accurate on every posteriordb posterior tried); may be toggled any time.
-        laplace_options: keyword arguments of
-            :func:`~pyro_flows_ext.infer.laplace.laplace_approximation`.
+        laplace_options: options of the mode search, the keyword arguments of
+            :func:`~pyro_flows_ext.infer.laplace_approximation` (``max_iter``,
+            ``newton_steps``, ``tol``, ``eig_floor``).
         init_elbo_samples: draws per candidate start behind the ELBO estimates.
 
     Example:
@@ -128,7 +164,7 @@ class AutoCouplingFlow(AutoContinuous):
         >>> def model():
         ...     x = pyro.sample("x", dist.Normal(3.0, 2.0))
         ...     pyro.sample("y", dist.LogNormal(x, 1.0))
-        >>> guide = AutoCouplingFlow(model, num_layers=2).initialize()
+        >>> guide = AutoCouplingFlow(model, depth=2).initialize()
         >>> round(guide.median()["x"].item(), 2), round(guide.median()["y"].item(), 1)
         (3.0, 20.1)
 
@@ -143,7 +179,7 @@ class AutoCouplingFlow(AutoContinuous):
         self,
         model: Callable[..., Any],
         *,
-        num_layers: int = 3,
+        depth: int = 3,
         hidden_dims: Sequence[int] | None = None,
         mixing: str = "permute",
         actnorm: bool = False,
@@ -157,38 +193,21 @@ class AutoCouplingFlow(AutoContinuous):
         laplace_options: dict[str, Any] | None = None,
         init_elbo_samples: int = 256,
     ) -> None:
-        if not callable(model):
-            raise TypeError(f"model must be callable, got {type(model).__name__}")
-        self.num_layers = _positive_int(num_layers, "num_layers", minimum=0)
-        if hidden_dims is not None:
-            hidden_dims = tuple(hidden_dims)
-            for h in hidden_dims:
-                _positive_int(h, "every entry of hidden_dims")
-        self.hidden_dims = hidden_dims
-        if mixing not in MIXINGS:
-            raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if isinstance(init_scale, bool) or not isinstance(init_scale, int | float):
-            raise TypeError(f"init_scale must be a float, got {type(init_scale).__name__}")
-        if not (math.isfinite(init_scale) and init_scale > 0):
-            raise ValueError(f"init_scale must be positive and finite, got {init_scale!r}")
-        self.mixing = mixing
-        self.actnorm = bool(actnorm)
-        self.init = init
-        self.init_scale = float(init_scale)
-        if scale not in SCALES:
-            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-        if isinstance(clamp, bool) or not isinstance(clamp, int | float) or not clamp > 0:
-            raise ValueError(f"clamp must be a positive float, got {clamp!r}")
-        self.scale = scale
-        self.clamp = float(clamp)
-        self.stl = bool(stl)
-        if not (isinstance(net_lr_scale, int | float) and net_lr_scale > 0):
-            raise ValueError(f"net_lr_scale must be a positive float, got {net_lr_scale!r}")
-        self.net_lr_scale = float(net_lr_scale)
-        self.laplace_options = dict(laplace_options or {})
-        self.init_elbo_samples = _positive_int(init_elbo_samples, "init_elbo_samples")
+        for name, fn in (("model", model), ("init_loc_fn", init_loc_fn)):
+            if not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        self.depth = positive_int("depth", depth, minimum=0)
+        self.hidden_dims = hidden_sizes("hidden_dims", hidden_dims)
+        self.mixing = one_of("mixing", mixing, MIXINGS)
+        self.actnorm = check_bool("actnorm", actnorm)
+        self.init = one_of("init", init, INITS)
+        self.init_scale = positive_float("init_scale", init_scale)
+        self.scale = one_of("scale", scale, SCALES)
+        self.clamp = positive_float("clamp", clamp)
+        self.stl = check_bool("stl", stl)
+        self.net_lr_scale = positive_float("net_lr_scale", net_lr_scale)
+        self.laplace_options = ModeSearch.options("laplace_options", laplace_options)
+        self.init_elbo_samples = positive_int("init_elbo_samples", init_elbo_samples)
         self.init_info: dict[str, Any] = {}
         """How the guide was initialised (see
         :class:`~pyro_flows_ext.infer.start.GaussianStart`): ``method``, the ELBO estimates of
@@ -256,30 +275,33 @@ class AutoCouplingFlow(AutoContinuous):
         self.register_buffer("_base_scale", torch.ones_like(init_loc))
 
     def _couplings(self, dim: int) -> list[nn.Module]:
-        """The ``num_layers`` flow steps (none for ``D = 1``), at the identity."""
-        layers: list[nn.Module] = []
-        if dim >= 2:
-            hidden = self.hidden_dims or (max(32, 2 * dim),) * 2
-            for k in range(self.num_layers):
-                # a permutation alternates the halves itself (see half_swapping_permutation)
-                parity = k % 2 if self.mixing == "lu" else 0
-                part = make_partition((dim,), "half", parity=parity)
-                net = DampedMLP(
-                    part.conditioner_shape[0],
-                    2 * part.transformed_shape[0],
-                    hidden,
-                    lr_scale=self.net_lr_scale,
-                )
-                coupling = AffineCoupling((dim,), net, part, scale=self.scale, clamp=self.clamp)
-                layers.append(coupling)
-                if self.mixing == "lu":
-                    layers.append(damp_parameters_(InvertibleLinear(dim), self.net_lr_scale))
-                else:
-                    layers.append(PermuteTransform(dim))
-                if self.actnorm:
-                    layers.append(
-                        damp_parameters_(ActNorm(dim, data_init=False), self.net_lr_scale)
-                    )
+        """The ``depth`` flow steps (none for ``D = 1``), at the identity; a permutation
+        alternates the halves itself (see ``half_swapping_permutation`` in
+        :mod:`pyro_flows_ext.transforms.linear`)."""
+        return coupling_steps(
+            dim, self.depth, self._coupling, self._mixing, alternate=self.mixing == "lu"
+        )
+
+    def _net(self, part: Partition, context_dim: int = 0) -> DampedMLP:
+        """The zero-initialised conditioner ``x_A [, context] -> (t, h)`` of a coupling."""
+        input_dim = part.conditioner_shape[0]
+        hidden = self.hidden_dims or default_hidden_dims(input_dim + context_dim)
+        output_dim = 2 * part.transformed_shape[0]
+        return DampedMLP(input_dim, output_dim, hidden, self.net_lr_scale, context_dim)
+
+    def _coupling(self, part: Partition, parity: int) -> nn.Module:
+        shape = part.event_shape
+        return AffineCoupling(shape, self._net(part), part, scale=self.scale, clamp=self.clamp)
+
+    def _mixing(self) -> list[nn.Module]:
+        dim = self.latent_dim
+        layers: list[nn.Module] = [
+            damp_parameters_(InvertibleLinear(dim), self.net_lr_scale)
+            if self.mixing == "lu"
+            else PermuteTransform(dim)
+        ]
+        if self.actnorm:
+            layers.append(damp_parameters_(ActNorm(dim, data_init=False), self.net_lr_scale))
         return layers
 
     def __getstate__(self) -> dict[str, Any]:
@@ -323,18 +345,17 @@ class AutoCouplingFlow(AutoContinuous):
         return StickingTheLanding(posterior) if self.stl else posterior
 
     def _constrained(self, latent: Tensor) -> dict[str, Tensor]:
-        """Unpack unconstrained latents ``(S, D)`` into constrained sites ``(S, *shape)``."""
-        out: dict[str, Tensor] = {}
-        pos = 0
+        """Unpack unconstrained latents ``(S, D)`` into constrained sites ``(S, *shape)``.
+
+        Pyro's ``_unpack_latent`` broadcasts the batch dims against each site's shape (which
+        includes its plates), so ``S`` is put left of enough singleton dims and taken back."""
         num = latent.shape[0]
-        trace: Any = self.prototype_trace
-        for name, site in trace.iter_stochastic_nodes():
-            shape = self._unconstrained_shapes[name]
-            size = math.prod(shape)
-            u = latent[:, pos : pos + size].reshape((num,) + tuple(shape))
-            out[name] = biject_to(site["fn"].support)(u)
-            pos += size
-        return out
+        pad = max(len(shape) for shape in self._unconstrained_shapes.values())
+        padded = latent.reshape((num,) + (1,) * pad + latent.shape[-1:])
+        return {
+            site["name"]: biject_to(site["fn"].support)(u).reshape((num, *site["value"].shape))
+            for site, u in self._unpack_latent(padded)
+        }
 
     @torch.no_grad()
     def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:

@@ -20,7 +20,6 @@ samples): compare with reference draws when you have them.
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -34,11 +33,15 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from pyro_flows_ext.infer._traces import max_plate_nesting, per_particle_log_prob
+from pyro_flows_ext.checks import check_bool, positive_int
+from pyro_flows_ext.infer._traces import (
+    check_vectorised,
+    particle_dim,
+    per_particle_log_prob,
+    vectorised_or_looped,
+)
 
 __all__ = ["ImportanceDraws", "ParetoK", "importance_draws", "khat_verdict"]
-
-logger = logging.getLogger(__name__)
 
 _PARTICLES = "_diagnostic_particles"
 
@@ -52,6 +55,13 @@ def _arviz() -> Any:
     return arviz
 
 
+def check_model_and_guide(model: Any, guide: Any) -> None:
+    """``TypeError`` unless ``model`` and ``guide`` are callables (Pyro programs)."""
+    for name, fn in (("model", model), ("guide", guide)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be a callable Pyro program, got {type(fn).__name__}")
+
+
 def khat_verdict(khat: float) -> str:
     """Yao et al. (2018)'s reading of a Pareto :math:`\\hat k`.
 
@@ -59,6 +69,8 @@ def khat_verdict(khat: float) -> str:
         >>> khat_verdict(0.3), khat_verdict(0.6), khat_verdict(0.9)
         ('good', 'usable with PSIS', 'do not trust')
     """
+    if isinstance(khat, bool) or not isinstance(khat, int | float):
+        raise TypeError(f"khat must be a real number, got {khat!r}")
     if not khat < 0.7:  # also catches NaN
         return "do not trust"
     return "good" if khat < 0.5 else "usable with PSIS"
@@ -194,8 +206,7 @@ def _check_structure(model_tr: Any, guide_tr: Any) -> None:
 def _vectorized(
     model: Callable, guide: Callable, args: tuple, kwargs: dict, num: int, proto: Any
 ) -> ImportanceDraws:
-    nesting = max_plate_nesting(proto)
-    dim = -(nesting + 1)
+    dim = particle_dim(proto)
 
     def vec(fn: Callable) -> Callable:
         def wrapped(*a: Any, **k: Any) -> Any:
@@ -223,12 +234,7 @@ def _vectorized(
     first = {k: v[0] for k, v in latents.items()}
     with poutine.block():
         check_tr = poutine.trace(poutine.condition(model, data=first)).get_trace(*args, **kwargs)
-    got, expected = float(log_p[0]), float(check_tr.log_prob_sum())
-    if not math.isclose(got, expected, rel_tol=1e-4, abs_tol=1e-3 * (1 + abs(expected))):
-        raise ValueError(
-            f"vectorised log p(x, z) {got} differs from the unvectorised {expected}: the "
-            f"model does not vectorise over a particle plate"
-        )
+    check_vectorised(float(log_p[0]), float(check_tr.log_prob_sum()))
 
     def replay(fn: Callable) -> Any:
         with poutine.block():
@@ -283,20 +289,18 @@ def importance_draws(
         >>> d.latents["x"].shape, float(d.log_weights.abs().max())
         (torch.Size([10]), 0.0)
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
+    check_model_and_guide(model, guide)
+    positive_int("num_samples", num_samples, minimum=2)
+    if vectorize is not None:
+        check_bool("vectorize", vectorize)
     proto, proto_guide = _traces(model, guide, args, kwargs)
     _check_structure(proto, proto_guide)
-    result: ImportanceDraws | None = None
-    if vectorize is not False:
-        try:
-            result = _vectorized(model, guide, args, kwargs, num_samples, proto)
-        except (ValueError, RuntimeError, IndexError, NotImplementedError) as err:
-            if vectorize:
-                raise
-            logger.info("importance_draws: not vectorised (%s); looping over draws", err)
-    if result is None:
-        result = _looped(model, guide, args, kwargs, num_samples, proto)
+    result, _ = vectorised_or_looped(
+        lambda: _vectorized(model, guide, args, kwargs, num_samples, proto),
+        lambda: _looped(model, guide, args, kwargs, num_samples, proto),
+        vectorize,
+        label="importance_draws",
+    )
     result.observed = {n: s["value"] for n, s in proto.nodes.items() if _is_observed(s)}
     result.dims = {
         n: _site_dims(n, s)

@@ -20,12 +20,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["LaplaceResult", "find_mode", "laplace_approximation", "precision_to_scale_tril"]
+from pyro_flows_ext.checks import check_input, positive_float, positive_int
+
+__all__ = [
+    "LaplaceResult",
+    "ModeSearch",
+    "find_mode",
+    "laplace_approximation",
+    "precision_to_scale_tril",
+]
 
 LogDensity = Callable[[Tensor], Tensor]
 
@@ -103,32 +112,55 @@ def precision_to_scale_tril(precision: Tensor) -> Tensor:
     return r_inv_t.flip(-1, -2)
 
 
-def find_mode(
-    log_density: LogDensity,
-    init: Tensor,
-    *,
-    max_iter: int = 500,
-    newton_steps: int = 20,
-    tol: float = 1e-9,
-    eig_floor: float = 1e-10,
-) -> tuple[Tensor, Tensor | None, bool, int]:
-    """Maximise ``log_density`` from ``init``: L-BFGS (strong Wolfe) then damped Newton.
+@dataclass(frozen=True)
+class ModeSearch:
+    """Options of the mode search of :func:`laplace_approximation` (validated on creation).
 
-    Returns ``(mode, precision at the mode or None, converged, evaluations)``; the precision
-    is :math:`-\\nabla^2 \\ell` (unrepaired). Non-finite values stop the search at the last
-    finite point.
+    Attributes:
+        max_iter: L-BFGS iterations at most.
+        newton_steps: damped Newton steps at most after L-BFGS (each takes a Hessian, i.e.
+            ``D`` backward passes).
+        tol: tolerance on the Newton decrement, relative to ``max(1, |log density|)``.
+        eig_floor: smallest eigenvalue of a repaired :math:`H`, relative to the largest.
+
+    Example:
+        >>> ModeSearch(newton_steps=5).max_iter
+        500
     """
-    count = 0
-    best = init.detach().clone()
-    best_value, grad = _value_and_grad(log_density, best)
-    count += 1
-    if not torch.isfinite(best_value) or not torch.isfinite(grad).all():
-        raise ValueError(
-            f"the log density is not finite at the initial point (value {best_value.item()}); "
-            "choose another init_loc_fn"
-        )
 
-    # 1. L-BFGS in chunks, keeping the last point where everything was finite.
+    max_iter: int = 500
+    newton_steps: int = 20
+    tol: float = 1e-9
+    eig_floor: float = 1e-10
+
+    def __post_init__(self) -> None:
+        positive_int("max_iter", self.max_iter)
+        positive_int("newton_steps", self.newton_steps, minimum=0)
+        positive_float("tol", self.tol)
+        positive_float("eig_floor", self.eig_floor)
+
+    @classmethod
+    def options(cls, name: str, options: Any) -> dict[str, Any]:
+        """``options`` (a dict of keyword arguments of :func:`laplace_approximation`, or
+        ``None``) as a dict, checked: ``TypeError``/``ValueError`` naming ``name``."""
+        if options is None:
+            return {}
+        if not isinstance(options, dict):
+            raise TypeError(f"{name} must be a dict or None, got {type(options).__name__}")
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            known = [f.name for f in fields(cls)]
+            raise ValueError(f"{name} has unknown keys {unknown}; known: {known}")
+        cls(**options)
+        return dict(options)
+
+
+def _lbfgs(
+    log_density: LogDensity, best: Tensor, best_value: Tensor, search: ModeSearch
+) -> tuple[Tensor, Tensor, int]:
+    """L-BFGS (strong Wolfe) in chunks of 50 iterations from ``best``, keeping the last point
+    where value and gradient were finite: ``(point, value, evaluations)``."""
+    count = 0
     z = best.clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
         [z],
@@ -151,7 +183,7 @@ def find_mode(
             loss.backward()
         return loss.detach()
 
-    for _ in range(max(1, max_iter // 50)):
+    for _ in range(max(1, search.max_iter // 50)):
         opt.step(closure)
         value, grad = _value_and_grad(log_density, z)
         count += 1
@@ -160,48 +192,64 @@ def find_mode(
         improved = value > best_value
         if improved:
             best, best_value = z.detach().clone(), value
-        if not improved or grad.abs().max() < tol:
+        if not improved or grad.abs().max() < search.tol:
             break
+    return best, best_value, count
 
-    # 2. Damped Newton with a repaired Hessian: robust to bad scaling, quadratic at the end.
+
+def _newton(
+    log_density: LogDensity, best: Tensor, best_value: Tensor, search: ModeSearch
+) -> tuple[Tensor, Tensor | None, bool, int]:
+    """Damped Newton with a repaired Hessian from ``best`` (robust to bad scaling, quadratic at
+    the end): ``(point, precision there or None, converged, evaluations)``."""
+    count = 0
     precision: Tensor | None = None
-    converged = False
-    for _ in range(newton_steps + 1):
+    for _ in range(search.newton_steps + 1):
         value, grad = _value_and_grad(log_density, best)
         precision = -_hessian(log_density, best)
         count += 2
         if not torch.isfinite(precision).all():
-            precision = None
-            break
-        repaired, was_repaired = _repair(precision, eig_floor)
+            return best, None, False, count
+        repaired, was_repaired = _repair(precision, search.eig_floor)
         step = torch.linalg.solve(repaired, grad)
         decrement = float(grad @ step) / 2
-        if not was_repaired and decrement < tol * max(1.0, abs(float(value))):
-            converged = True
-            break
-        t, moved = 1.0, False
-        for _ in range(30):
+        if not was_repaired and decrement < search.tol * max(1.0, abs(float(value))):
+            return best, precision, True, count
+        for t in (0.5**i for i in range(30)):
             candidate = best + t * step
             cand_value, _ = _value_and_grad(log_density, candidate)
             count += 1
             if torch.isfinite(cand_value) and cand_value >= best_value:
-                best, best_value, moved = candidate, cand_value, True
+                best, best_value = candidate, cand_value
                 break
-            t /= 2
-        if not moved:
+        else:
             break
-    return best, precision, converged, count
+    return best, precision, False, count
 
 
-def laplace_approximation(
-    log_density: LogDensity,
-    init: Tensor,
-    *,
-    max_iter: int = 500,
-    newton_steps: int = 20,
-    tol: float = 1e-9,
-    eig_floor: float = 1e-10,
-) -> LaplaceResult:
+def find_mode(
+    log_density: LogDensity, init: Tensor, search: ModeSearch | None = None
+) -> tuple[Tensor, Tensor | None, bool, int]:
+    """Maximise ``log_density`` from ``init``: L-BFGS (strong Wolfe) then damped Newton.
+
+    Returns ``(mode, precision at the mode or None, converged, evaluations)``; the precision
+    is :math:`-\\nabla^2 \\ell` (unrepaired). Non-finite values stop the search at the last
+    finite point.
+    """
+    search = search or ModeSearch()
+    best = init.detach().clone()
+    best_value, grad = _value_and_grad(log_density, best)
+    if not torch.isfinite(best_value) or not torch.isfinite(grad).all():
+        raise ValueError(
+            f"the log density is not finite at the initial point (value {best_value.item()}); "
+            "choose another init_loc_fn"
+        )
+    best, best_value, count = _lbfgs(log_density, best, best_value, search)
+    mode, precision, converged, newton_count = _newton(log_density, best, best_value, search)
+    return mode, precision, converged, 1 + count + newton_count
+
+
+def laplace_approximation(log_density: LogDensity, init: Tensor, **options: Any) -> LaplaceResult:
     """Gaussian approximation :math:`\\mathcal N(\\hat z, H^{-1})` at the mode of
     ``log_density``.
 
@@ -209,11 +257,8 @@ def laplace_approximation(
         log_density: maps a vector ``(D,)`` to a scalar tensor, differentiable twice.
         init: starting point ``(D,)``; its dtype and device are used throughout (use float64
             for badly conditioned problems).
-        max_iter: L-BFGS iterations at most.
-        newton_steps: damped Newton steps at most after L-BFGS (each takes a Hessian, i.e.
-            ``D`` backward passes).
-        tol: tolerance on the Newton decrement, relative to ``max(1, |log density|)``.
-        eig_floor: smallest eigenvalue of a repaired :math:`H`, relative to the largest.
+        options: options of the mode search: ``max_iter``, ``newton_steps``, ``tol``,
+            ``eig_floor`` (see :class:`ModeSearch`).
 
     Example:
         >>> import torch
@@ -223,22 +268,18 @@ def laplace_approximation(
         >>> res.converged, torch.allclose(res.scale_tril @ res.scale_tril.T, cov)
         (True, True)
     """
-    if not isinstance(init, Tensor) or init.dim() != 1 or not init.is_floating_point():
-        got = type(init).__name__ if not isinstance(init, Tensor) else f"shape {tuple(init.shape)}"
-        raise ValueError(f"init must be a floating tensor of shape (D,), got {got}")
-    mode, precision, converged, count = find_mode(
-        log_density,
-        init,
-        max_iter=max_iter,
-        newton_steps=newton_steps,
-        tol=tol,
-        eig_floor=eig_floor,
-    )
+    if not callable(log_density):
+        raise TypeError(f"log_density must be callable, got {type(log_density).__name__}")
+    check_input(init, (None,), "init")
+    if init.dim() != 1:
+        raise ValueError(f"init must have shape (D,), got {tuple(init.shape)}")
+    search = ModeSearch(**ModeSearch.options("options", options))
+    mode, precision, converged, count = find_mode(log_density, init, search)
     if precision is None:
         raise ValueError("the Hessian of the log density is not finite at the mode found")
     # repair and factorise in float64: the precision of badly scaled problems spans many
     # orders of magnitude
-    repaired, was_repaired = _repair(precision.double(), eig_floor)
+    repaired, was_repaired = _repair(precision.double(), search.eig_floor)
     scale_tril = precision_to_scale_tril(repaired).to(precision.dtype)
     value, _ = _value_and_grad(log_density, mode)
     return LaplaceResult(

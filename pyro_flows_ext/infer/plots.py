@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from pyro_flows_ext.checks import positive_float, positive_int
+
 __all__ = ["flatten_components", "plot_pairs"]
 
 
@@ -38,6 +40,10 @@ def flatten_components(
             f"draws must be a mapping name -> (S, *shape) or InferenceData, got "
             f"{type(draws).__name__}"
         )
+    if var_names is not None and (
+        isinstance(var_names, str) or not all(isinstance(k, str) for k in var_names)
+    ):
+        raise TypeError(f"var_names must be a sequence of names or None, got {var_names!r}")
     keys = list(draws) if var_names is None else list(var_names)
     missing = [k for k in keys if k not in draws]
     if missing:
@@ -79,6 +85,8 @@ def plot_pairs(
         max_components: at most this many scalar components (the plot is C x C panels).
         num_points: at most this many points per scatter plot and set (random subset).
         labels: legend labels of the two sets.
+        seed: seed of the random subsets.
+        figsize: the figure's ``(width, height)`` in inches (default: 2.2 per panel).
 
     Returns:
         The matplotlib ``Figure``.
@@ -92,14 +100,9 @@ def plot_pairs(
         >>> len(fig.axes)
         4
     """
+    _check_plot_arguments(max_components, num_points, labels, seed, figsize)
     import matplotlib.pyplot as plt
 
-    if (
-        isinstance(max_components, bool)
-        or not isinstance(max_components, int)
-        or max_components < 1
-    ):
-        raise ValueError(f"max_components must be a positive int, got {max_components!r}")
     names, x = flatten_components(draws, var_names)
     names, x = names[:max_components], x[:, :max_components]
     ref = None
@@ -123,23 +126,13 @@ def plot_pairs(
             ax = axes[i, j]
             if j > i:
                 ax.set_axis_off()
-                continue
-            if i == j:
-                both = x[:, i] if ref is None else np.concatenate([x[:, i], ref[:, i]])
-                bins = np.histogram_bin_edges(both[np.isfinite(both)], bins=40)
-                if ref is not None:
-                    ax.hist(
-                        ref[:, i], bins=bins, density=True, color="0.6", alpha=0.6, label=labels[1]
-                    )
-                ax.hist(
-                    x[:, i], bins=bins, density=True, histtype="step", color="C0", label=labels[0]
-                )
-                ax.set_yticks([])
+            elif i == j:
+                _histogram(ax, x[:, i], None if ref is None else ref[:, i], labels)
             else:
                 if rs is not None:
                     ax.scatter(rs[:, j], rs[:, i], s=3, color="0.6", alpha=0.4, lw=0)
                 ax.scatter(xs[:, j], xs[:, i], s=3, color="C0", alpha=0.5, lw=0)
-            if i == c - 1:
+            if i == c - 1 and j <= i:
                 ax.set_xlabel(names[j])
             if j == 0 and i > 0:
                 ax.set_ylabel(names[i])
@@ -147,6 +140,33 @@ def plot_pairs(
         axes[0, 0].legend(fontsize="small", loc="upper right")
     fig.tight_layout()
     return fig
+
+
+def _check_plot_arguments(
+    max_components: Any, num_points: Any, labels: Any, seed: Any, figsize: Any
+) -> None:
+    positive_int("max_components", max_components)
+    positive_int("num_points", num_points)
+    if not (isinstance(labels, tuple | list) and len(labels) == 2):
+        raise TypeError(f"labels must be a pair of strings, got {labels!r}")
+    if not all(isinstance(label, str) for label in labels):
+        raise TypeError(f"labels must be a pair of strings, got {labels!r}")
+    positive_int("seed", seed, minimum=0)
+    if figsize is not None:
+        if not (isinstance(figsize, tuple | list) and len(figsize) == 2):
+            raise TypeError(f"figsize must be a pair (width, height) or None, got {figsize!r}")
+        for size in figsize:
+            positive_float("figsize", size)
+
+
+def _histogram(ax: Any, x: np.ndarray, ref: np.ndarray | None, labels: Sequence[str]) -> None:
+    """A diagonal panel: histograms of ``x`` (and ``ref`` behind it) on shared bins."""
+    both = x if ref is None else np.concatenate([x, ref])
+    bins = np.histogram_bin_edges(both[np.isfinite(both)], bins=40)
+    if ref is not None:
+        ax.hist(ref, bins=bins, density=True, color="0.6", alpha=0.6, label=labels[1])
+    ax.hist(x, bins=bins, density=True, histtype="step", color="C0", label=labels[0])
+    ax.set_yticks([])
 
 
 def _keys(draws: Any) -> list[str]:

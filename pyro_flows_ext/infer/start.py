@@ -32,7 +32,13 @@ from pyro import poutine
 from torch import Tensor
 from torch.distributions import biject_to
 
-from pyro_flows_ext.infer._traces import max_plate_nesting, per_particle_log_prob
+from pyro_flows_ext.infer._traces import (
+    check_vectorised,
+    max_plate_nesting,
+    particle_dim,
+    per_particle_log_prob,
+    vectorised_or_looped,
+)
 from pyro_flows_ext.infer.laplace import laplace_approximation
 
 __all__ = ["GaussianStart", "LogJoint", "gaussian_start"]
@@ -82,26 +88,27 @@ class LogJoint:
             return latent.new_tensor(-math.inf)
 
     def _vectorised(self, latents: Tensor) -> Tensor:
+        """All rows under a particle plate, checked against :meth:`exact` on the first."""
         num = latents.shape[0]
         shaped = latents.reshape((num,) + (1,) * self.nesting + latents.shape[-1:])
         values, log_det = self._values(shaped, num)
-        dim = -(self.nesting + 1)
+        dim = particle_dim(self.guide.prototype_trace)
         with poutine.block(), pyro.plate("_start_particles", num, dim=dim):
             conditioned = poutine.condition(self.model, data=values)
             trace = poutine.trace(conditioned).get_trace(*self.args, **self.kwargs)
-        return per_particle_log_prob(trace, num, dim) + log_det
+        out = per_particle_log_prob(trace, num, dim) + log_det
+        check_vectorised(float(out[0]), float(self.exact(latents[0])))
+        return out
 
     @torch.no_grad()
     def batch(self, latents: Tensor) -> Tensor:
         """At ``(N, D)`` latents: ``(N,)``."""
-        try:
-            out = self._vectorised(latents)
-            first = float(self.exact(latents[0]))
-            if math.isclose(float(out[0]), first, rel_tol=1e-5, abs_tol=1e-4 * (1 + abs(first))):
-                return out
-        except (RuntimeError, ValueError, IndexError):
-            pass
-        return torch.stack([self(u) for u in latents])
+        out, _ = vectorised_or_looped(
+            lambda: self._vectorised(latents),
+            lambda: torch.stack([self(u) for u in latents]),
+            label="LogJoint.batch",
+        )
+        return out
 
 
 @dataclass(frozen=True)

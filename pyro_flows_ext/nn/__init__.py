@@ -8,11 +8,14 @@ from pyro_flows_ext.nn.conditioners import (
     mlp,
     zero_last_layer_,
 )
+from pyro_flows_ext.nn.damped import DampedMLP, damp_parameters_
 
 __all__ = [
     "HIDDEN_CHANNELS",
     "ConvNet",
+    "DampedMLP",
     "ZeroConv2d",
+    "damp_parameters_",
     "default_hidden_dims",
     "mlp",
     "zero_last_layer_",

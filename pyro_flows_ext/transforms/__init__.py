@@ -21,8 +21,10 @@ from pyro_flows_ext.transforms.invertible import (
     invertible_conv1x1,
     invertible_linear,
 )
+from pyro_flows_ext.transforms.linear import LowerAffine, PermuteTransform
 from pyro_flows_ext.transforms.masks import MaskPartition, Partition, SlicePartition
 from pyro_flows_ext.transforms.prior import ElementwiseAffine, top_prior
+from pyro_flows_ext.transforms.shift import ConditionalShift
 from pyro_flows_ext.transforms.split import FactorOut, SplitPrior, split_prior
 from pyro_flows_ext.transforms.squeeze import SqueezeTransform
 
@@ -32,13 +34,16 @@ __all__ = [
     "AffineCoupling",
     "CachedTransformModule",
     "ConditionalAffineCoupling",
+    "ConditionalShift",
     "Coupling",
     "ElementwiseAffine",
     "FactorOut",
     "InvertibleConv1x1",
     "InvertibleLinear",
+    "LowerAffine",
     "MaskPartition",
     "Partition",
+    "PermuteTransform",
     "SlicePartition",
     "SplitPrior",
     "SqueezeTransform",

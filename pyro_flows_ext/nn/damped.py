@@ -1,9 +1,9 @@
-"""The guide's coupling conditioner: an MLP whose parameters learn at a fraction of the rate.
+"""Networks whose parameters learn at a fraction of the optimiser's step size.
 
 Variational guides are trained with step sizes meant for their Gaussian parts (``5e-2`` is
 common for ``AutoNormal``-style locations and log-scales). Adam moves every parameter by about
 the step size per step, which for the weights of a hidden layer (typically ``~0.2`` in size) is
-a wholesale change: the conditioner is scrambled in a few steps and the flow diverges. Storing
+a wholesale change: a conditioner is scrambled in a few steps and the flow diverges. Storing
 each weight and bias as ``theta / lr_scale`` and using ``lr_scale * theta`` in the forward pass
 leaves the function (and its initialisation) unchanged while Adam's steps move it ``lr_scale``
 times as far, i.e. the network trains with ``lr_scale`` times the optimiser's step size.
@@ -18,22 +18,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from pyro_flows_ext.checks import hidden_sizes, positive_float, positive_int
+
 __all__ = ["DampedMLP", "damp_parameters_"]
 
 
 class DampedMLP(nn.Module):
-    """``(..., in_dim) -> (..., out_dim)``: ReLU MLP, last layer zero, learning ``lr_scale``
-    times slower than its optimiser's step size (see the module docstring).
+    """``(..., input_dim) [, (..., context_dim)] -> (..., output_dim)``: a ReLU MLP whose last
+    layer starts at zero and whose parameters learn ``lr_scale`` times slower than the
+    optimiser's step size (see the module docstring).
 
     Each layer is one parameter ``[W | b]`` of shape ``(out, in + 1)``, initialised like
     ``nn.Linear``: half as many tensors as weights and biases apart, which matters because
-    ``pyro.optim`` keeps one optimiser per tensor and its per-step cost is per tensor.
+    ``pyro.optim`` keeps one optimiser per tensor and its per-step cost is per tensor. With
+    ``context_dim > 0`` the network is called as ``net(x, context)`` and sees
+    ``[x, context]`` (the context broadcast over ``x``'s batch shape), as the conditioner of a
+    :class:`~pyro_flows_ext.transforms.ConditionalAffineCoupling` is.
 
     Args:
-        in_dim: input size.
-        out_dim: output size.
-        hidden_dims: hidden layer sizes.
+        input_dim: input size (without the context).
+        output_dim: output size.
+        hidden_dims: hidden layer sizes (empty: one affine layer).
         lr_scale: factor on the effective step size of every parameter (1 gives a plain MLP).
+        context_dim: size of the context vector (0: no context).
 
     Example:
         >>> import torch
@@ -42,16 +49,26 @@ class DampedMLP(nn.Module):
         0.0
         >>> [tuple(p.shape) for p in net.parameters()]
         [(8, 4), (4, 9)]
+        >>> DampedMLP(3, 4, [8], context_dim=2)(torch.randn(5, 3), torch.ones(2)).shape
+        torch.Size([5, 4])
     """
 
     def __init__(
-        self, in_dim: int, out_dim: int, hidden_dims: Sequence[int], lr_scale: float = 0.1
+        self,
+        input_dim: int,
+        output_dim: int,
+        hidden_dims: Sequence[int],
+        lr_scale: float = 0.1,
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
-        if not lr_scale > 0:
-            raise ValueError(f"lr_scale must be positive, got {lr_scale!r}")
-        self.lr_scale = float(lr_scale)
-        sizes = [in_dim, *hidden_dims, out_dim]
+        hidden = hidden_sizes("hidden_dims", hidden_dims)
+        if hidden is None:
+            raise TypeError("hidden_dims must be a sequence of positive ints, got None")
+        self.lr_scale = positive_float("lr_scale", lr_scale)
+        self.context_dim = positive_int("context_dim", context_dim, minimum=0)
+        sizes = [positive_int("input_dim", input_dim) + self.context_dim, *hidden]
+        sizes.append(positive_int("output_dim", output_dim))
         self.layers = nn.ParameterList()
         for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
             if i == len(sizes) - 2:
@@ -62,7 +79,12 @@ class DampedMLP(nn.Module):
                 weight = weight / self.lr_scale
             self.layers.append(nn.Parameter(weight))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if self.context_dim:
+            if context is None:
+                raise ValueError("this DampedMLP was built with a context_dim and needs a context")
+            context = context.expand(x.shape[:-1] + context.shape[-1:])
+            x = torch.cat([x, context], dim=-1)
         c = self.lr_scale
         h = x
         last = len(self.layers) - 1
@@ -73,7 +95,8 @@ class DampedMLP(nn.Module):
         return h
 
     def extra_repr(self) -> str:
-        return f"lr_scale={self.lr_scale}"
+        context = f", context_dim={self.context_dim}" if self.context_dim else ""
+        return f"lr_scale={self.lr_scale}{context}"
 
 
 class _Scaled(nn.Module):
@@ -93,7 +116,7 @@ class _Scaled(nn.Module):
 def damp_parameters_(module: nn.Module, lr_scale: float) -> nn.Module:
     """Make every direct parameter of ``module`` learn ``lr_scale`` times slower (in place), by
     a ``torch.nn.utils.parametrize`` parametrization ``W = lr_scale * theta``; the module's
-    values are unchanged.
+    values are unchanged. Returns ``module``.
 
     Example:
         >>> import torch
@@ -104,8 +127,9 @@ def damp_parameters_(module: nn.Module, lr_scale: float) -> nn.Module:
         >>> bool(torch.allclose(lin.weight - w, torch.full((2, 2), 0.1)))
         True
     """
-    if not lr_scale > 0:
-        raise ValueError(f"lr_scale must be positive, got {lr_scale!r}")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    lr_scale = positive_float("lr_scale", lr_scale)
     if lr_scale == 1:
         return module
     for name, _ in list(module.named_parameters(recurse=False)):
