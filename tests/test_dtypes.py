@@ -31,11 +31,23 @@ FACTORIES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
         lambda: T.conditional_affine_coupling(IMG, 3, hidden_channels=4),
         IMG,
     ),
+    "spline_coupling-vec": (lambda: T.spline_coupling(VEC, [8]), (VEC,)),
+    "spline_coupling-img": (lambda: T.spline_coupling(IMG, hidden_channels=4), IMG),
+    "conditional_spline_coupling-vec": (
+        lambda: T.conditional_spline_coupling(VEC, 3, [8]),
+        (VEC,),
+    ),
+    "conditional_spline_coupling-img": (
+        lambda: T.conditional_spline_coupling(IMG, 3, hidden_channels=4),
+        IMG,
+    ),
     "actnorm-vec": (lambda: T.actnorm(VEC), (VEC,)),
     "actnorm-img": (lambda: T.actnorm(IMG), IMG),
     "invertible_linear": (lambda: T.invertible_linear(VEC), (VEC,)),
     "invertible_linear-plain": (lambda: T.invertible_linear(VEC, lu=False), (VEC,)),
     "invertible_conv1x1": (lambda: T.invertible_conv1x1(IMG), IMG),
+    "LowerAffine": (lambda: T.LowerAffine(VEC, init_scale=0.5), (VEC,)),
+    "ConditionalShift": (lambda: T.ConditionalShift(VEC, 3), (VEC,)),
     "split_prior": (lambda: T.split_prior(IMG), IMG),
     "top_prior-vec": (lambda: T.top_prior(VEC), (VEC,)),
     "top_prior-img": (lambda: T.top_prior(IMG), IMG),
@@ -44,6 +56,10 @@ FACTORIES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "glow-vec": (lambda: pfe.glow(VEC, depth=2, hidden_dims=[8]), (VEC,)),
     "glow-img": (lambda: pfe.glow((1, 8, 8), depth=2, hidden_channels=4), (1, 8, 8)),
     "realnvp-vec": (lambda: pfe.realnvp(VEC, depth=2, hidden_dims=[8]), (VEC,)),
+    "glow-img-spline": (
+        lambda: pfe.glow((1, 8, 8), depth=1, hidden_channels=4, coupling="spline"),
+        (1, 8, 8),
+    ),
     "realnvp-img": (lambda: pfe.realnvp((1, 8, 8), depth=1, hidden_channels=4), (1, 8, 8)),
 }
 

@@ -30,6 +30,8 @@ CASES = {
         (1, 4, 4), levels=2, depth=1, hidden_channels=4, split_prior=True
     ),
     "realnvp-vector": lambda: realnvp(3, depth=3, hidden_dims=[16]),
+    "glow-image-spline": lambda: glow((1, 4, 4), depth=1, hidden_channels=4, coupling="spline"),
+    "realnvp-vector-spline": lambda: realnvp(3, depth=2, hidden_dims=[16], coupling="spline"),
 }
 
 
@@ -216,6 +218,8 @@ BAD_ARGUMENTS = {
     "glow-learn-top-str": (lambda: glow(4, learn_top="yes"), TypeError, "learn_top"),
     "glow-lu-int": (lambda: glow(4, lu=1), TypeError, "lu"),
     "glow-scale-unknown": (lambda: glow(4, scale="softplus"), ValueError, "scale"),
+    "glow-coupling-unknown": (lambda: glow(4, coupling="maf"), ValueError, "coupling"),
+    "realnvp-coupling-unknown": (lambda: realnvp(4, coupling=None), ValueError, "coupling"),
     "glow-event-shape-str": (lambda: glow("8"), TypeError, "event shape"),
     "glow-event-shape-2d": (lambda: glow((8, 8)), ValueError, "event shape"),
     "glow-event-shape-zero": (lambda: glow(0), ValueError, "event shape"),

@@ -62,6 +62,15 @@ CASES: dict[str, Case] = {
     "affine-img-resnet": Case(
         lambda: _m(T.affine_coupling(IMG, parity=1, hidden_channels=4, num_blocks=1)), IMG
     ),
+    "spline-vec-half": Case(lambda: _m(T.spline_coupling(VEC, [8], bins=4)), (VEC,)),
+    "spline-vec-alternating": Case(
+        lambda: _m(T.spline_coupling(VEC, [8], mask="alternating", parity=1, bound=2.0)), (VEC,)
+    ),
+    "spline-img-channel": Case(lambda: _m(T.spline_coupling(IMG, hidden_channels=4)), IMG),
+    "spline-img-checkerboard": Case(
+        lambda: _m(T.spline_coupling(IMG, mask="checkerboard", parity=1, hidden_channels=4)),
+        IMG,
+    ),
     "additive-vec": Case(lambda: _m(T.additive_coupling(VEC, [8], mask="alternating")), (VEC,)),
     "additive-img": Case(lambda: _m(T.additive_coupling(IMG, hidden_channels=4)), IMG),
     "conditional-affine-vec": Case(
@@ -73,6 +82,18 @@ CASES: dict[str, Case] = {
         ),
         IMG,
     ),
+    "conditional-spline-vec": Case(
+        lambda: _conditioned(T.conditional_spline_coupling(VEC, CTX, [8], bins=3)), (VEC,)
+    ),
+    "conditional-spline-img": Case(
+        lambda: _conditioned(
+            T.conditional_spline_coupling(IMG, CTX, mask="checkerboard", hidden_channels=4)
+        ),
+        IMG,
+    ),
+    "lower-affine": Case(lambda: _m(T.LowerAffine(VEC, torch.ones(VEC), init_scale=0.5)), (VEC,)),
+    "permute": Case(lambda: _m(T.PermuteTransform(VEC)), (VEC,)),
+    "conditional-shift": Case(lambda: _conditioned(T.ConditionalShift(VEC, CTX)), (VEC,)),
     "actnorm-vec": Case(lambda: _m(T.actnorm(VEC)), (VEC,)),
     "actnorm-img": Case(lambda: _m(T.actnorm(IMG)), IMG),
     "invertible-linear-lu": Case(lambda: _m(T.invertible_linear(VEC)), (VEC,)),
@@ -204,7 +225,7 @@ def test_transformed_distribution(name: str) -> None:
 
 def test_rsample_reaches_every_parameter(name: str) -> None:
     t, module = make(name)
-    if module is None:
+    if module is None or not list(module.parameters()):
         pytest.skip("no parameters")
     case = CASES[name]
     d = dist.TransformedDistribution(base_of(case.event_shape), [t])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from pyro.distributions.conditional import ConditionalTransform
 from pyro.distributions.torch_transform import ComposeTransformModule
 from torch.distributions import Transform
 
@@ -11,6 +12,7 @@ from pyro_flows_ext.checks import EventShape, as_event_shape
 from pyro_flows_ext.transforms import FactorOut, SqueezeTransform
 
 __all__ = [
+    "Layer",
     "check_levels",
     "forward_order",
     "max_levels",
@@ -18,11 +20,13 @@ __all__ = [
     "squeeze_shape",
 ]
 
+# a part of a flow: a transform, or a conditional one (conditional flows)
+Layer = Transform | ConditionalTransform
 # f(shape, is_last) -> transforms in forward (noise-to-data) order
-LevelBody = Callable[[EventShape, bool], list[Transform]]
+LevelBody = Callable[[EventShape, bool], list[Layer]]
 
 
-def _no_body(shape: EventShape, is_last: bool) -> list[Transform]:
+def _no_body(shape: EventShape, is_last: bool) -> list[Layer]:
     return []
 
 
@@ -57,7 +61,7 @@ def multiscale(
     squeezed: LevelBody,
     unsqueezed: LevelBody = _no_body,
     squeeze_last: bool = True,
-) -> list[Transform]:
+) -> list[Layer]:
     """The forward (noise-to-data) list of a multi-scale stack on ``shape = (C, H, W)``.
 
     A level that is not the last is, in forward order,
@@ -92,6 +96,6 @@ def _unsqueeze() -> Transform:
     return SqueezeTransform(cache_size=1).inv
 
 
-def forward_order(density_order: Sequence[Transform]) -> list[Transform]:
+def forward_order(density_order: Sequence[Layer]) -> list[Layer]:
     """Transforms listed in the density direction (data to noise), put in forward order."""
     return list(reversed(density_order))

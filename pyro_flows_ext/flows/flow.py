@@ -18,11 +18,14 @@ from typing import Any
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions import ConditionalTransformedDistribution, TransformedDistribution
+from pyro.distributions.conditional import ConditionalTransform, ConditionalTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform
 
-from pyro_flows_ext.transforms import CachedTransformModule
+from pyro_flows_ext.checks import check_input, positive_int
+from pyro_flows_ext.transforms import CachedTransformModule, condition_all
 
 __all__ = ["Flow"]
 
@@ -60,6 +63,10 @@ class Flow(nn.Module):
             ``nn.Module`` s (``TransformModule``) to be trained and saved.
         config: how a builder made this flow (see :func:`~pyro_flows_ext.flows.build_flow`);
             lets a checkpoint rebuild the model.
+        context_dim: ``K > 0`` makes a conditional density model ``p(x | c)``: the
+            transforms may then hold conditional couplings (``ConditionalTransform`` s,
+            anywhere in the stack), and ``log_prob``, ``sample`` and ``rsample`` take
+            ``context=c`` of shape ``(K,)`` or ``(*batch, K)``.
 
     ``log_prob(x)`` has the batch shape of ``x``; ``sample``/``rsample`` return
     ``sample_shape + event_shape``. ``temperature`` scales the base's standard deviation
@@ -71,6 +78,17 @@ class Flow(nn.Module):
         >>> flow = Flow(4, [affine_coupling(4, parity=p) for p in (0, 1)])
         >>> flow.log_prob(torch.randn(3, 4)).shape, flow.sample((2,), temperature=0.7).shape
         (torch.Size([3]), torch.Size([2, 4]))
+
+        A conditional flow (one context per example, or one for all):
+
+        >>> from pyro_flows_ext.transforms import conditional_affine_coupling
+        >>> cflow = Flow(4, [conditional_affine_coupling(4, 2, parity=p) for p in (0, 1)],
+        ...              context_dim=2)
+        >>> c = torch.randn(3, 2)
+        >>> cflow.log_prob(torch.randn(3, 4), context=c).shape
+        torch.Size([3])
+        >>> cflow.sample((5,), context=c).shape  # sample_shape + context batch + event
+        torch.Size([5, 3, 4])
     """
 
     base_loc: Tensor
@@ -79,24 +97,33 @@ class Flow(nn.Module):
     def __init__(
         self,
         event_shape: int | Sequence[int] | torch.Size,
-        transforms: Transform | Sequence[Transform],
+        transforms: Transform | ConditionalTransform | Sequence[Transform | ConditionalTransform],
         config: dict[str, Any] | None = None,
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
         self.event_shape = _event_shape(event_shape)
-        parts = [transforms] if isinstance(transforms, Transform) else list(transforms)
-        if not all(isinstance(t, Transform) for t in parts):
+        self.context_dim = positive_int("context_dim", context_dim, minimum=0)
+        kinds = (Transform, ConditionalTransform) if self.context_dim else Transform
+        parts: list[Any] = (
+            [transforms]
+            if isinstance(transforms, Transform | ConditionalTransform)
+            else list(transforms)
+        )
+        if not all(isinstance(t, kinds) for t in parts):
             got = [type(t).__name__ for t in parts]
-            raise TypeError(f"transforms must be torch.distributions.Transform s, got {got}")
+            want = "Transform s" + (" or ConditionalTransform s" if self.context_dim else "")
+            raise TypeError(f"transforms must be torch.distributions.{want}, got {got}")
         self.transform = ComposeTransformModule(parts)
-        out = tuple(self.transform.forward_shape(self.event_shape))
+        self.register_buffer("base_loc", torch.zeros(self.event_shape))
+        self.register_buffer("base_scale", torch.ones(self.event_shape))
+        self.config = config
+        probe = self.base_loc.new_zeros(self.context_dim) if self.context_dim else None
+        out = tuple(self._bijection(probe).forward_shape(self.event_shape))
         if out != self.event_shape:
             raise ValueError(
                 f"transforms must map event shape {self.event_shape} to itself, got {out}"
             )
-        self.register_buffer("base_loc", torch.zeros(self.event_shape))
-        self.register_buffer("base_scale", torch.ones(self.event_shape))
-        self.config = config
 
     @property
     def num_dims(self) -> int:
@@ -111,10 +138,39 @@ class Flow(nn.Module):
         normal = dist.Normal(self.base_loc, scale, validate_args=False)
         return normal.to_event(len(self.event_shape))
 
+    def _bijection(self, context: Tensor | None) -> Transform:
+        """The whole map ``f``, conditioned on ``context`` for a conditional flow."""
+        if not self.context_dim:
+            if context is not None:
+                raise ValueError("this flow is not conditional (context_dim=0); pass no context")
+            return self.transform
+        if context is None:
+            raise ValueError(
+                f"this conditional flow needs context=c of shape (..., {self.context_dim})"
+            )
+        check_input(context, (self.context_dim,), "context")
+        if context.dtype != self.base_loc.dtype or context.device != self.base_loc.device:
+            raise ValueError(
+                f"context must be {self.base_loc.dtype} on {self.base_loc.device} like the "
+                f"flow, got {context.dtype} on {context.device}"
+            )
+        return condition_all(self.transform, context)
+
     @property
-    def dist(self) -> dist.TransformedDistribution:
-        """The model as a ``TransformedDistribution`` (base ``N(0, I)``, one transform)."""
+    def dist(self) -> TransformedDistribution | ConditionalTransformedDistribution:
+        """The model as a ``TransformedDistribution`` (base ``N(0, I)``, one transform); for a
+        conditional flow, Pyro's ``ConditionalTransformedDistribution`` (``.condition(c)``
+        gives the ``TransformedDistribution`` for one context)."""
+        if self.context_dim:
+            return dist.ConditionalTransformedDistribution(self.base(), [_Conditioned(self)])
         return dist.TransformedDistribution(self.base(), [self.transform], validate_args=False)
+
+    def condition(self, context: Tensor, temperature: float = 1.0) -> TransformedDistribution:
+        """``p(x | context)`` as a ``TransformedDistribution``, base ``N(0, T^2 I)`` with the
+        batch shape of ``context`` (a conditional flow only)."""
+        bijection = self._bijection(context)
+        base = self.base(temperature).expand(context.shape[:-1])
+        return dist.TransformedDistribution(base, [bijection], validate_args=False)
 
     def _check(self, x: Any) -> None:
         if not isinstance(x, Tensor):
@@ -130,24 +186,41 @@ class Flow(nn.Module):
                 f"got {x.dtype} on {x.device}"
             )
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """``log p(x)`` in nats, shape ``x.shape[:-len(event_shape)]``."""
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``log p(x)`` (``log p(x | context)``) in nats, shape ``x.shape[:-len(event_shape)]``
+        (broadcast with ``context.shape[:-1]``)."""
         self._check(x)
-        return self.dist.log_prob(x)
+        bijection = self._bijection(context)
+        base = self.base()
+        return dist.TransformedDistribution(base, [bijection], validate_args=False).log_prob(x)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Same as :meth:`log_prob`."""
-        return self.log_prob(x)
+        return self.log_prob(x, context)
 
-    def rsample(self, sample_shape: SampleShape = (), temperature: float = 1.0) -> Tensor:
-        """Reparameterised samples ``f(z)``, ``z ~ N(0, T^2 I)``; differentiable."""
-        z = self.base(temperature).rsample(_sample_shape(sample_shape))
-        return self.transform(z)
+    def rsample(
+        self,
+        sample_shape: SampleShape = (),
+        temperature: float = 1.0,
+        context: Tensor | None = None,
+    ) -> Tensor:
+        """Reparameterised samples ``f(z)``, ``z ~ N(0, T^2 I)``; differentiable. With a
+        context, the shape is ``sample_shape + context.shape[:-1] + event_shape``."""
+        bijection = self._bijection(context)
+        shape = _sample_shape(sample_shape)
+        if context is not None:
+            shape = shape + context.shape[:-1]
+        return bijection(self.base(temperature).rsample(shape))
 
-    def sample(self, sample_shape: SampleShape = (), temperature: float = 1.0) -> Tensor:
-        """Samples without gradient, ``sample_shape + event_shape``."""
+    def sample(
+        self,
+        sample_shape: SampleShape = (),
+        temperature: float = 1.0,
+        context: Tensor | None = None,
+    ) -> Tensor:
+        """Samples without gradient, ``sample_shape (+ context batch) + event_shape``."""
         with torch.no_grad():
-            return self.rsample(sample_shape, temperature)
+            return self.rsample(sample_shape, temperature, context)
 
     def clear_cache(self) -> None:
         """Forget every transform's cached last result (they hold tensors and, in training,
@@ -174,4 +247,16 @@ class Flow(nn.Module):
         return super().__getstate__()
 
     def extra_repr(self) -> str:
-        return f"event_shape={self.event_shape}"
+        context = f", context_dim={self.context_dim}" if self.context_dim else ""
+        return f"event_shape={self.event_shape}{context}"
+
+
+class _Conditioned(ConditionalTransformModule):
+    """A conditional flow's whole map as one Pyro ``ConditionalTransform``."""
+
+    def __init__(self, flow: Flow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def condition(self, context: Tensor) -> Transform:
+        return self.flow._bijection(context)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch.distributions import Transform
-
 from pyro_flows_ext.checks import (
     EventShape,
     as_event_shape,
@@ -15,6 +13,7 @@ from pyro_flows_ext.checks import (
     positive_int,
 )
 from pyro_flows_ext.flows._common import (
+    Layer,
     check_levels,
     forward_order,
     max_levels,
@@ -24,6 +23,7 @@ from pyro_flows_ext.flows.flow import Flow
 from pyro_flows_ext.nn import HIDDEN_CHANNELS
 from pyro_flows_ext.transforms import SplitPrior, glow_step, top_prior
 from pyro_flows_ext.transforms.coupling import SCALES
+from pyro_flows_ext.transforms.kinds import COUPLINGS
 
 __all__ = ["glow"]
 
@@ -37,6 +37,8 @@ def glow(
     learn_top: bool = True,
     lu: bool = True,
     scale: str = "sigmoid",
+    coupling: str = "affine",
+    context_dim: int = 0,
 ) -> Flow:
     """A Glow density model.
 
@@ -62,6 +64,13 @@ def glow(
     conditioner (``hidden_dims``, default :func:`~pyro_flows_ext.nn.default_hidden_dims`:
     two layers of ``max(64, 2D)``); ``levels`` must be ``None`` or 1.
 
+    ``coupling="spline"`` puts a rational-quadratic
+    :class:`~pyro_flows_ext.transforms.SplineCoupling` (8 bins on ``[-3, 3]``, identity tails)
+    in every step instead of the affine coupling (``scale`` is then unused).
+
+    ``context_dim=K`` makes a conditional model ``p(x | c)``: every coupling's network also
+    sees a context ``c`` of size ``K`` (see :class:`~pyro_flows_ext.flows.Flow`).
+
     Every coupling starts at the identity, so the model starts at its base (after ActNorm's
     data-dependent initialisation on the first ``log_prob`` batch).
 
@@ -85,34 +94,44 @@ def glow(
         "learn_top": check_bool("learn_top", learn_top),
         "lu": check_bool("lu", lu),
         "scale": one_of("scale", scale, SCALES),
+        "coupling": one_of("coupling", coupling, COUPLINGS),
+        "context_dim": positive_int("context_dim", context_dim, minimum=0),
     }
+
+    def steps(s: EventShape) -> list[Layer]:
+        return [
+            glow_step(
+                s,
+                dims,
+                hidden_channels,
+                lu,
+                scale,
+                parity=i % 2,
+                coupling=coupling,
+                context_dim=context_dim,
+            )  # fmt: skip
+            for i in range(k)
+        ]
+
+    k = positive_int("depth", 8 if depth is None else depth)
     if len(shape) == 1:
         if levels not in (None, 1):
             raise ValueError(f"a vector Glow has one level, got levels={levels!r}")
-        k = positive_int("depth", 8 if depth is None else depth)
-        density: list[Transform] = [
-            glow_step(shape, hidden_dims=hidden_dims, lu=lu, scale=scale, parity=i % 2)
-            for i in range(k)
-        ]
-        if learn_top:
-            density.append(top_prior(shape))
-        return Flow(shape, forward_order(density), {**config, "levels": 1, "depth": k})
+        density = steps(shape) + ([top_prior(shape)] if learn_top else [])
+        return Flow(shape, forward_order(density), {**config, "levels": 1, "depth": k}, context_dim)
 
     n = max_levels(shape) if levels is None else positive_int("levels", levels)
     if n < 1:
         raise ValueError(f"Glow needs H and W divisible by 2, got event shape {shape}")
     check_levels(shape, n, n)
-    k = positive_int("depth", 8 if depth is None else depth)
 
-    def level(sq: EventShape, is_last: bool) -> list[Transform]:
-        density: list[Transform] = [
-            glow_step(sq, hidden_channels=hidden_channels, lu=lu, scale=scale, parity=i % 2)
-            for i in range(k)
-        ]
+    def level(sq: EventShape, is_last: bool) -> list[Layer]:
+        density = steps(sq)
         if not is_last:
             density.append(SplitPrior(sq))
         elif learn_top:
             density.append(top_prior(sq))
         return forward_order(density)
 
-    return Flow(shape, multiscale(shape, n, level), {**config, "levels": n, "depth": k})
+    transforms = multiscale(shape, n, level)
+    return Flow(shape, transforms, {**config, "levels": n, "depth": k}, context_dim)

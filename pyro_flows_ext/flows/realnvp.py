@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch.distributions import Transform
-
 from pyro_flows_ext.checks import (
     EventShape,
     as_event_shape,
@@ -16,6 +14,7 @@ from pyro_flows_ext.checks import (
     positive_int,
 )
 from pyro_flows_ext.flows._common import (
+    Layer,
     check_levels,
     forward_order,
     max_levels,
@@ -23,7 +22,8 @@ from pyro_flows_ext.flows._common import (
 )
 from pyro_flows_ext.flows.flow import Flow
 from pyro_flows_ext.nn import HIDDEN_CHANNELS
-from pyro_flows_ext.transforms import ActNorm, SplitPrior, affine_coupling
+from pyro_flows_ext.transforms import ActNorm, SplitPrior
+from pyro_flows_ext.transforms.kinds import COUPLINGS, make_coupling
 from pyro_flows_ext.transforms.masks import MASKS
 
 __all__ = ["realnvp"]
@@ -40,6 +40,8 @@ def realnvp(
     actnorm: bool = True,
     split_prior: bool = False,
     clamp: float = 3.0,
+    coupling: str = "affine",
+    context_dim: int = 0,
 ) -> Flow:
     """A RealNVP density model (affine couplings with soft-clamped ``exp`` scales).
 
@@ -56,6 +58,13 @@ def realnvp(
     **Vectors** ``D``: ``depth`` (default 8) couplings with ``mask`` (``"half"`` by
     default, or ``"alternating"``) and alternating parity, MLP conditioners
     (``hidden_dims``).
+
+    ``coupling="spline"`` uses rational-quadratic
+    :class:`~pyro_flows_ext.transforms.SplineCoupling` s (8 bins on ``[-3, 3]``, identity
+    tails) instead of affine couplings (``clamp`` is then unused).
+
+    ``context_dim=K`` makes a conditional model ``p(x | c)``: every coupling's network also
+    sees a context ``c`` of size ``K`` (see :class:`~pyro_flows_ext.flows.Flow`).
 
     With ``actnorm`` (the default) an :class:`~pyro_flows_ext.transforms.ActNorm` precedes
     every coupling in the density direction, standing in for the paper's batch norm.
@@ -82,22 +91,26 @@ def realnvp(
         "actnorm": check_bool("actnorm", actnorm),
         "split_prior": check_bool("split_prior", split_prior),
         "clamp": positive_float("clamp", clamp),
+        "coupling": one_of("coupling", coupling, COUPLINGS),
+        "context_dim": positive_int("context_dim", context_dim, minimum=0),
     }
 
-    def units(s: EventShape, n: int, unit_mask: str | None) -> list[Transform]:
-        density: list[Transform] = []
+    def units(s: EventShape, n: int, unit_mask: str | None) -> list[Layer]:
+        density: list[Layer] = []
         for i in range(n):
             if actnorm:
                 density.append(ActNorm(s))
             density.append(
-                affine_coupling(
+                make_coupling(
+                    coupling,
                     s,
-                    hidden_dims=hidden_dims,
+                    hidden_dims=dims,
                     mask=unit_mask,
                     parity=i % 2,
                     hidden_channels=hidden_channels,
                     num_blocks=num_blocks,
                     clamp=clamp,
+                    context_dim=context_dim,
                 )
             )
         return density
@@ -109,7 +122,7 @@ def realnvp(
             one_of("mask", mask, MASKS[1])
         k = positive_int("depth", 8 if depth is None else depth)
         flow_config = {**config, "levels": 1, "depth": k}
-        return Flow(shape, forward_order(units(shape, k, mask)), flow_config)
+        return Flow(shape, forward_order(units(shape, k, mask)), flow_config, context_dim)
 
     if mask is not None:
         raise ValueError(f"image RealNVP chooses its masks itself; got mask={mask!r}")
@@ -117,14 +130,14 @@ def realnvp(
     check_levels(shape, n, n - 1)
     k = positive_int("depth", 3 if depth is None else depth)
 
-    def squeezed(sq: EventShape, is_last: bool) -> list[Transform]:
+    def squeezed(sq: EventShape, is_last: bool) -> list[Layer]:
         density = units(sq, k, "channel")
         if split_prior:
             density.append(SplitPrior(sq))
         return forward_order(density)
 
-    def unsqueezed(s: EventShape, is_last: bool) -> list[Transform]:
+    def unsqueezed(s: EventShape, is_last: bool) -> list[Layer]:
         return forward_order(units(s, k + 1 if is_last else k, "checkerboard"))
 
     transforms = multiscale(shape, n, squeezed, unsqueezed, squeeze_last=False)
-    return Flow(shape, transforms, {**config, "levels": n, "depth": k})
+    return Flow(shape, transforms, {**config, "levels": n, "depth": k}, context_dim)

@@ -5,14 +5,20 @@ Direction follows Pyro: ``forward`` maps noise to data, ``inv`` maps data to noi
 
 from pyro_flows_ext.transforms._base import CachedTransformModule
 from pyro_flows_ext.transforms.actnorm import ActNorm, actnorm
+from pyro_flows_ext.transforms.conditional import (
+    ConditionalAffineCoupling,
+    ConditionalCoupling,
+    ConditionalSplineCoupling,
+    condition_all,
+    conditional_affine_coupling,
+    conditional_spline_coupling,
+)
 from pyro_flows_ext.transforms.coupling import (
     AdditiveCoupling,
     AffineCoupling,
-    ConditionalAffineCoupling,
     Coupling,
     additive_coupling,
     affine_coupling,
-    conditional_affine_coupling,
 )
 from pyro_flows_ext.transforms.glow import glow_step
 from pyro_flows_ext.transforms.invertible import (
@@ -21,20 +27,29 @@ from pyro_flows_ext.transforms.invertible import (
     invertible_conv1x1,
     invertible_linear,
 )
+from pyro_flows_ext.transforms.kinds import COUPLINGS, make_coupling
 from pyro_flows_ext.transforms.linear import LowerAffine, PermuteTransform
 from pyro_flows_ext.transforms.masks import MaskPartition, Partition, SlicePartition
 from pyro_flows_ext.transforms.prior import ElementwiseAffine, top_prior
 from pyro_flows_ext.transforms.shift import ConditionalShift
+from pyro_flows_ext.transforms.spline import (
+    SplineCoupling,
+    rational_quadratic_spline,
+    spline_coupling,
+)
 from pyro_flows_ext.transforms.split import FactorOut, SplitPrior, split_prior
 from pyro_flows_ext.transforms.squeeze import SqueezeTransform
 
 __all__ = [
+    "COUPLINGS",
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",
     "CachedTransformModule",
     "ConditionalAffineCoupling",
+    "ConditionalCoupling",
     "ConditionalShift",
+    "ConditionalSplineCoupling",
     "Coupling",
     "ElementwiseAffine",
     "FactorOut",
@@ -45,15 +60,21 @@ __all__ = [
     "Partition",
     "PermuteTransform",
     "SlicePartition",
+    "SplineCoupling",
     "SplitPrior",
     "SqueezeTransform",
     "actnorm",
     "additive_coupling",
     "affine_coupling",
     "conditional_affine_coupling",
+    "conditional_spline_coupling",
+    "condition_all",
     "glow_step",
     "invertible_conv1x1",
     "invertible_linear",
+    "make_coupling",
+    "rational_quadratic_spline",
+    "spline_coupling",
     "split_prior",
     "top_prior",
 ]

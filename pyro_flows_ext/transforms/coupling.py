@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
 
 from pyro_flows_ext.checks import (
@@ -37,11 +36,10 @@ from pyro_flows_ext.transforms.masks import Partition, make_partition
 __all__ = [
     "AdditiveCoupling",
     "AffineCoupling",
-    "ConditionalAffineCoupling",
     "Coupling",
     "additive_coupling",
     "affine_coupling",
-    "conditional_affine_coupling",
+    "make_conditioner",
 ]
 
 SCALES = ("exp", "sigmoid")
@@ -213,60 +211,7 @@ class AffineCoupling(Coupling):
         return f"{super().extra_repr()}, scale={self.scale!r}, clamp={self.clamp}"
 
 
-class _Bound(nn.Module):
-    """A conditional network with its context fixed (keeps the network's parameters visible
-    to the coupling's cache)."""
-
-    def __init__(self, net: nn.Module, context: Tensor) -> None:
-        super().__init__()
-        self.net = net
-        self.context = context
-
-    def forward(self, a: Tensor) -> Tensor | Sequence[Tensor]:
-        return self.net(a, self.context)
-
-
-class ConditionalAffineCoupling(ConditionalTransformModule):
-    """An affine coupling whose conditioner also sees a context vector.
-
-    ``conditioner(x_A, context)`` returns ``(t, h)`` as for :class:`AffineCoupling`;
-    ``.condition(context)`` returns an :class:`AffineCoupling` for that context, usable in
-    ``pyro.distributions.ConditionalTransformedDistribution``.
-
-    Example:
-        >>> import torch, pyro.distributions as dist
-        >>> t = conditional_affine_coupling(4, context_dim=3)
-        >>> base = dist.Normal(torch.zeros(4), 1).to_event(1)
-        >>> d = dist.ConditionalTransformedDistribution(base, [t]).condition(torch.ones(3))
-        >>> d.sample((2,)).shape
-        torch.Size([2, 4])
-    """
-
-    def __init__(
-        self,
-        event_shape: int | EventShape,
-        conditioner: nn.Module,
-        context_dim: int,
-        mask: str | None = None,
-        parity: int = 0,
-        scale: str = "exp",
-        clamp: float = 3.0,
-    ) -> None:
-        super().__init__()
-        self.event_shape = as_event_shape(event_shape)
-        self.context_dim = positive_int("context_dim", context_dim)
-        self.partition = make_partition(self.event_shape, mask, parity)
-        self.conditioner = conditioner
-        self.scale = one_of("scale", scale, SCALES)
-        self.clamp = positive_float("clamp", clamp)
-
-    def condition(self, context: Tensor) -> AffineCoupling:
-        check_input(context, (self.context_dim,), "context")
-        bound = _Bound(self.conditioner, context)
-        return AffineCoupling(self.event_shape, bound, self.partition, 0, self.scale, self.clamp)
-
-
-def _conditioner(
+def make_conditioner(
     partition: Partition,
     num_params: int,
     hidden_dims: Sequence[int] | None,
@@ -274,6 +219,9 @@ def _conditioner(
     num_blocks: int,
     context_dim: int = 0,
 ) -> nn.Module:
+    """The zero-initialised conditioner of a coupling on ``partition`` that outputs
+    ``num_params`` values per transformed element: an MLP (Pyro's ``DenseNN``) for vectors, a
+    :class:`~pyro_flows_ext.nn.ConvNet` for images, seeing a context when ``context_dim``."""
     a_shape, b_shape = partition.conditioner_shape, partition.transformed_shape
     dims = hidden_sizes("hidden_dims", hidden_dims)
     hidden_channels = positive_int("hidden_channels", hidden_channels)
@@ -313,7 +261,7 @@ def affine_coupling(
     """
     event_shape = as_event_shape(shape)
     partition = make_partition(event_shape, mask, parity)
-    net = _conditioner(partition, 2, hidden_dims, hidden_channels, num_blocks)
+    net = make_conditioner(partition, 2, hidden_dims, hidden_channels, num_blocks)
     return AffineCoupling(
         event_shape, net, partition, scale=scale, clamp=clamp, cache_size=cache_size
     )
@@ -344,38 +292,5 @@ def additive_coupling(
     """
     event_shape = as_event_shape(shape)
     partition = make_partition(event_shape, mask, parity)
-    net = _conditioner(partition, 1, hidden_dims, hidden_channels, num_blocks)
+    net = make_conditioner(partition, 1, hidden_dims, hidden_channels, num_blocks)
     return AdditiveCoupling(event_shape, net, partition, cache_size=cache_size)
-
-
-def conditional_affine_coupling(
-    shape: int | EventShape,
-    context_dim: int,
-    hidden_dims: Sequence[int] | None = None,
-    mask: str | None = None,
-    parity: int = 0,
-    hidden_channels: int = HIDDEN_CHANNELS,
-    num_blocks: int = 0,
-    scale: str = "exp",
-    clamp: float = 3.0,
-) -> ConditionalAffineCoupling:
-    """A :class:`ConditionalAffineCoupling` with a zero-initialised conditioner that sees
-    ``context`` of size ``context_dim`` (Pyro's ``ConditionalDenseNN`` for vectors, a
-    :class:`~pyro_flows_ext.nn.ConvNet` with a context bias for images).
-
-    Args:
-        shape: ``D`` or ``(C, H, W)``.
-        context_dim: size of the context vector.
-        hidden_dims, mask, parity, hidden_channels, num_blocks: as :func:`affine_coupling`.
-        scale, clamp: see :class:`AffineCoupling`.
-
-    Example:
-        >>> conditional_affine_coupling(4, context_dim=2).context_dim
-        2
-    """
-    event_shape = as_event_shape(shape)
-    partition = make_partition(event_shape, mask, parity)
-    net = _conditioner(partition, 2, hidden_dims, hidden_channels, num_blocks, context_dim)
-    return ConditionalAffineCoupling(
-        event_shape, net, context_dim, mask, parity, scale=scale, clamp=clamp
-    )

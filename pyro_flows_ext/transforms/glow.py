@@ -1,4 +1,4 @@
-"""One step of Glow: ActNorm, invertible 1x1 convolution, affine coupling."""
+"""One step of Glow: ActNorm, invertible 1x1 convolution, affine (or spline) coupling."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro_flows_ext.checks import EventShape, as_event_shape
 from pyro_flows_ext.nn import HIDDEN_CHANNELS
 from pyro_flows_ext.transforms.actnorm import ActNorm
-from pyro_flows_ext.transforms.coupling import affine_coupling
 from pyro_flows_ext.transforms.invertible import invertible_linear
+from pyro_flows_ext.transforms.kinds import make_coupling
 
 __all__ = ["glow_step"]
 
@@ -23,6 +23,8 @@ def glow_step(
     scale: str = "sigmoid",
     parity: int = 0,
     data_init: bool = True,
+    coupling: str = "affine",
+    context_dim: int = 0,
 ) -> ComposeTransformModule:
     """One Glow flow step as a ``ComposeTransformModule``.
 
@@ -39,6 +41,11 @@ def glow_step(
         scale: the coupling's scale (``"sigmoid"`` as in Glow, or ``"exp"``).
         parity: which half the coupling keeps.
         data_init: whether ActNorm initialises from the first batch of data.
+        coupling: ``"affine"`` (Glow's) or ``"spline"`` (a rational-quadratic
+            :class:`~pyro_flows_ext.transforms.SplineCoupling`; ``scale`` is then unused).
+        context_dim: with ``K > 0`` the coupling is conditional (its network also sees a
+            context of size ``K``; condition the step with
+            :func:`~pyro_flows_ext.transforms.condition_all`).
 
     Example:
         >>> import torch
@@ -48,12 +55,14 @@ def glow_step(
         (torch.Size([2, 4, 8, 8]), torch.Size([2]))
     """
     event_shape = as_event_shape(shape)
-    coupling = affine_coupling(
+    layer = make_coupling(
+        coupling,
         event_shape,
         hidden_dims=hidden_dims,
         hidden_channels=hidden_channels,
         parity=parity,
         scale=scale,
+        context_dim=context_dim,
     )
     mixing = invertible_linear(event_shape, lu=lu)
-    return ComposeTransformModule([coupling, mixing, ActNorm(event_shape, data_init=data_init)])
+    return ComposeTransformModule([layer, mixing, ActNorm(event_shape, data_init=data_init)])

@@ -20,6 +20,7 @@ One level of the density direction (data to noise) is then: squeeze, K flow step
 from __future__ import annotations
 
 import torch
+from pyro.distributions.conditional import ConditionalTransform
 from torch import Tensor, nn
 from torch.distributions import Transform
 
@@ -84,6 +85,14 @@ def split_prior(shape: int | EventShape, kernel_size: int = 3, clamp: float = 5.
     return SplitPrior(shape, kernel_size=kernel_size, clamp=clamp)
 
 
+def _is_conditional(t: object) -> bool:
+    """Whether ``t`` is, or holds anywhere, a ``ConditionalTransform``."""
+    if isinstance(t, ConditionalTransform):
+        return True
+    parts = [*getattr(t, "parts", ()), getattr(t, "inner", None)]
+    return any(_is_conditional(p) for p in parts if p is not None)
+
+
 class FactorOut(CachedTransformModule):
     """Apply ``inner`` to the first ``C - C // 2`` channels (features); pass the rest through.
 
@@ -104,7 +113,8 @@ class FactorOut(CachedTransformModule):
         self.event_shape = event_shape
         self.partition = SlicePartition(event_shape, parity=0)
         kept = self.partition.conditioner_shape
-        if tuple(inner.forward_shape(kept)) != kept:
+        # a stack with conditional couplings is checked once conditioned (condition_all)
+        if not _is_conditional(inner) and tuple(inner.forward_shape(kept)) != kept:
             raise ValueError(f"inner transform must keep the shape {kept} of the kept channels")
         self.inner = inner
 
