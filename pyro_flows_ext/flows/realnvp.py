@@ -96,23 +96,13 @@ def realnvp(
     }
 
     def units(s: EventShape, n: int, unit_mask: str | None) -> list[Layer]:
+        """``n`` couplings on ``s`` (each after an ActNorm), in the density direction."""
         density: list[Layer] = []
         for i in range(n):
-            if actnorm:
-                density.append(ActNorm(s))
-            density.append(
-                make_coupling(
-                    coupling,
-                    s,
-                    hidden_dims=dims,
-                    mask=unit_mask,
-                    parity=i % 2,
-                    hidden_channels=hidden_channels,
-                    num_blocks=num_blocks,
-                    clamp=clamp,
-                    context_dim=context_dim,
-                )
-            )
+            density += [ActNorm(s)] if actnorm else []
+            layer = make_coupling(coupling, s, dims, unit_mask, i % 2, hidden_channels,
+                                  num_blocks, clamp=clamp, context_dim=context_dim)  # fmt: skip
+            density.append(layer)
         return density
 
     if len(shape) == 1:
