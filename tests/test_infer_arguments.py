@@ -76,6 +76,7 @@ CASES: dict[str, tuple[Callable[[], Any], type[Exception], str]] = {
     "guide-init-scale-inf": (flow(init_scale=math.inf), ValueError, "init_scale"),
     "guide-init-scale-string": (flow(init_scale="big"), TypeError, "init_scale"),
     "guide-scale-unknown": (flow(scale="tanh"), ValueError, "scale"),
+    "guide-coupling-unknown": (flow(coupling="maf"), ValueError, "coupling"),
     "guide-clamp-negative": (flow(clamp=-1.0), ValueError, "clamp"),
     "guide-stl-string": (flow(stl="yes"), TypeError, "stl"),
     "guide-net-lr-scale-zero": (flow(net_lr_scale=0.0), ValueError, "net_lr_scale"),

@@ -174,9 +174,10 @@ def banana() -> None:
     pyro.sample("y", dist.Normal(x**2, 0.3))
 
 
-def test_beats_multivariate_normal_on_a_funnel() -> None:
+@pytest.mark.parametrize("coupling", ["affine", "spline"])
+def test_beats_multivariate_normal_on_a_funnel(coupling: str) -> None:
     # log Z = 0: the flow gets within ~0.02 nats, a Gaussian cannot do better than ~0.2
-    flow = AutoCouplingFlow(funnel, depth=2)
+    flow = AutoCouplingFlow(funnel, depth=2, coupling=coupling)
     _svi(funnel, flow, steps=300, lr=5e-2, particles=8)
     pyro.clear_param_store()
     mvn = AutoMultivariateNormal(funnel)
@@ -411,14 +412,15 @@ def test_model_must_be_callable_and_parameters_need_initialisation() -> None:
 
 
 # ------------------------------------------------------------------ amortised --------------
-def test_conditional_flow_amortises_a_conjugate_model() -> None:
+@pytest.mark.parametrize("coupling", ["affine", "spline"])
+def test_conditional_flow_amortises_a_conjugate_model(coupling: str) -> None:
     n = 4
 
     def model(y: torch.Tensor) -> None:
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
         pyro.sample("y", dist.Normal(mu[..., None], 1.0).expand(mu.shape + (n,)).to_event(1), obs=y)
 
-    guide = AutoConditionalCouplingFlow(model, context_fn=lambda y: y, depth=1)
+    guide = AutoConditionalCouplingFlow(model, context_fn=lambda y: y, depth=1, coupling=coupling)
     optim = pyro.optim.ClippedAdam({"lr": 5e-2, "lrd": (1e-3 / 5e-2) ** (1 / 800)})
     svi = SVI(model, guide, optim, Trace_ELBO(num_particles=8, vectorize_particles=True))
     for _ in range(800):  # a new data set from the prior predictive at every step

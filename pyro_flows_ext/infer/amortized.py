@@ -10,8 +10,13 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform
 
-from pyro_flows_ext.infer.guide import AutoCouplingFlow
-from pyro_flows_ext.transforms import ConditionalAffineCoupling, ConditionalShift, Partition
+from pyro_flows_ext.infer.guide import SPLINE_BINS, AutoCouplingFlow
+from pyro_flows_ext.transforms import (
+    ConditionalAffineCoupling,
+    ConditionalShift,
+    ConditionalSplineCoupling,
+    Partition,
+)
 
 __all__ = ["AutoConditionalCouplingFlow"]
 
@@ -47,8 +52,8 @@ class AutoConditionalCouplingFlow(AutoCouplingFlow):
         context_fn: maps the model's ``*args, **kwargs`` to a context vector ``(C,)``.
         options: keyword arguments of :class:`~pyro_flows_ext.infer.AutoCouplingFlow`
             (``depth``, ``hidden_dims``, ``mixing``, ``actnorm``, ``init_loc_fn``,
-            ``init_scale``, ``scale``, ``clamp``, ``stl``, ``net_lr_scale``) with the same
-            defaults; the default ``hidden_dims`` count the context among the network's
+            ``init_scale``, ``scale``, ``clamp``, ``coupling``, ``stl``, ``net_lr_scale``) with
+            the same defaults; the default ``hidden_dims`` count the context among the network's
             inputs. ``init``, ``laplace_options`` and ``init_elbo_samples`` (the Laplace start)
             do not apply.
 
@@ -95,15 +100,11 @@ class AutoConditionalCouplingFlow(AutoCouplingFlow):
         super()._setup_prototype(*args, **kwargs)
 
     def _coupling(self, part: Partition, parity: int) -> nn.Module:
-        net = self._net(part, self.context_dim)
+        net, shape, k = self._net(part, self.context_dim), part.event_shape, self.context_dim
+        if self.coupling == "spline":
+            return ConditionalSplineCoupling(shape, net, k, "half", parity, bins=SPLINE_BINS)
         return ConditionalAffineCoupling(
-            part.event_shape,
-            net,
-            self.context_dim,
-            "half",
-            parity,
-            scale=self.scale,
-            clamp=self.clamp,
+            shape, net, k, "half", parity, scale=self.scale, clamp=self.clamp
         )
 
     def _couplings(self, dim: int) -> list[nn.Module]:

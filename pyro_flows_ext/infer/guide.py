@@ -16,6 +16,7 @@ from torch.distributions.transforms import ComposeTransform
 
 from pyro_flows_ext.checks import check_bool, hidden_sizes, one_of, positive_float, positive_int
 from pyro_flows_ext.infer.laplace import ModeSearch
+from pyro_flows_ext.infer.stack import coupling_steps
 from pyro_flows_ext.infer.start import LogJoint, gaussian_start
 from pyro_flows_ext.infer.stl import StickingTheLanding
 from pyro_flows_ext.nn import DampedMLP, damp_parameters_, default_hidden_dims
@@ -26,48 +27,18 @@ from pyro_flows_ext.transforms import (
     LowerAffine,
     Partition,
     PermuteTransform,
+    SplineCoupling,
 )
 from pyro_flows_ext.transforms.coupling import SCALES
-from pyro_flows_ext.transforms.masks import make_partition
+from pyro_flows_ext.transforms.kinds import COUPLINGS
 
-__all__ = ["AutoCouplingFlow", "coupling_steps"]
+__all__ = ["AutoCouplingFlow"]
 
 logger = logging.getLogger(__name__)
 
 MIXINGS = ("lu", "permute")
+SPLINE_BINS = 8
 INITS = ("laplace", "loc")
-
-
-def coupling_steps(
-    dim: int,
-    depth: int,
-    coupling: Callable[[Partition, int], nn.Module],
-    mixing: Callable[[], list[nn.Module]],
-    alternate: bool = False,
-) -> list[nn.Module]:
-    """``depth`` flow steps over vectors of ``dim`` features: each is
-    ``coupling(partition, parity)`` on a ``half`` split followed by the layers ``mixing()``
-    returns. With ``alternate`` the
-    split's parity alternates between steps (needed when the mixing does not swap the halves
-    itself, as :class:`~pyro_flows_ext.transforms.PermuteTransform` does). No steps for
-    ``dim < 2`` (nothing to couple).
-
-    Example:
-        >>> from pyro_flows_ext.transforms import affine_coupling
-        >>> steps = coupling_steps(
-        ...     4, 2, lambda part, parity: affine_coupling(4, [8], parity=parity), lambda: []
-        ... )
-        >>> len(steps), coupling_steps(1, 2, None, None)
-        (2, [])
-    """
-    layers: list[nn.Module] = []
-    if dim < 2:
-        return layers
-    for k in range(depth):
-        parity = k % 2 if alternate else 0
-        layers.append(coupling(make_partition((dim,), "half", parity), parity))
-        layers += mixing()
-    return layers
 
 
 class AutoCouplingFlow(AutoContinuous):
@@ -147,6 +118,9 @@ class AutoCouplingFlow(AutoContinuous):
         init_scale: the initial standard deviation for ``init="loc"`` and for the fallback.
         scale, clamp: the couplings' log-scale bound (see
             :class:`~pyro_flows_ext.transforms.AffineCoupling`).
+        coupling: ``"affine"`` or ``"spline"`` (rational-quadratic
+            :class:`~pyro_flows_ext.transforms.SplineCoupling` s, 8 bins on ``[-3, 3]`` of
+            the whitened space and the identity outside; ``scale`` and ``clamp`` unused).
         net_lr_scale: the couplings' networks (and the LU and ActNorm layers) learn at this
             fraction of the optimiser's step size (:class:`~pyro_flows_ext.nn.DampedMLP`,
             :func:`~pyro_flows_ext.nn.damp_parameters_`), so that one step size suits
@@ -188,6 +162,7 @@ class AutoCouplingFlow(AutoContinuous):
         init_scale: float = 0.1,
         scale: str = "exp",
         clamp: float = 3.0,
+        coupling: str = "affine",
         stl: bool = True,
         net_lr_scale: float = 0.1,
         laplace_options: dict[str, Any] | None = None,
@@ -204,6 +179,7 @@ class AutoCouplingFlow(AutoContinuous):
         self.init_scale = positive_float("init_scale", init_scale)
         self.scale = one_of("scale", scale, SCALES)
         self.clamp = positive_float("clamp", clamp)
+        self.coupling = one_of("coupling", coupling, COUPLINGS)
         self.stl = check_bool("stl", stl)
         self.net_lr_scale = positive_float("net_lr_scale", net_lr_scale)
         self.laplace_options = ModeSearch.options("laplace_options", laplace_options)
@@ -286,12 +262,18 @@ class AutoCouplingFlow(AutoContinuous):
         """The zero-initialised conditioner ``x_A [, context] -> (t, h)`` of a coupling."""
         input_dim = part.conditioner_shape[0]
         hidden = self.hidden_dims or default_hidden_dims(input_dim + context_dim)
-        output_dim = 2 * part.transformed_shape[0]
+        output_dim = self._params_per_feature * part.transformed_shape[0]
         return DampedMLP(input_dim, output_dim, hidden, self.net_lr_scale, context_dim)
 
+    @property
+    def _params_per_feature(self) -> int:
+        return 3 * SPLINE_BINS - 1 if self.coupling == "spline" else 2
+
     def _coupling(self, part: Partition, parity: int) -> nn.Module:
-        shape = part.event_shape
-        return AffineCoupling(shape, self._net(part), part, scale=self.scale, clamp=self.clamp)
+        shape, net = part.event_shape, self._net(part)
+        if self.coupling == "spline":
+            return SplineCoupling(shape, net, part, bins=SPLINE_BINS)
+        return AffineCoupling(shape, net, part, scale=self.scale, clamp=self.clamp)
 
     def _mixing(self) -> list[nn.Module]:
         dim = self.latent_dim
