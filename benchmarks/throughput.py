@@ -48,7 +48,7 @@ def floor_step(flow: nn.Module, batch: int) -> tuple[Callable[[], None], nn.Modu
 
 
 def ours_step(flow: nn.Module, x: torch.Tensor, compile: bool) -> Callable[[], None]:
-    opt = torch.optim.Adam(flow.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-4, fused=True)  # as ``fit`` does
 
     def loss_fn(batch: torch.Tensor) -> torch.Tensor:
         return -flow.log_prob(batch).mean()

@@ -152,8 +152,10 @@ def check_input(x: Any, event_shape: tuple[int | None, ...], name: str = "input"
     if not x.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
     n = len(event_shape)
-    tail = tuple(x.shape[-n:]) if x.dim() >= n else tuple(x.shape)
-    ok = x.dim() >= n and all(e is None or e == s for e, s in zip(event_shape, tail, strict=True))
+    tail = x.shape[x.dim() - n :] if x.dim() >= n else None
+    ok = tail is not None and (
+        tail == event_shape or all(e is None or e == s for e, s in zip(event_shape, tail))
+    )
     if not ok:
         want = "(" + ", ".join("*" if e is None else str(e) for e in event_shape) + ")"
         raise ValueError(

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from pyro.distributions.conditional import ConditionalTransform
-from pyro.distributions.torch_transform import ComposeTransformModule
 from torch.distributions import Transform
 
 from pyro_flows_ext.checks import EventShape, as_event_shape
-from pyro_flows_ext.transforms import FactorOut, SqueezeTransform
+from pyro_flows_ext.transforms import FactorOut, SqueezeTransform, Stack
 
 __all__ = [
     "Layer",
@@ -85,7 +84,7 @@ def multiscale(
     inner = multiscale(kept, levels - 1, squeezed, unsqueezed, squeeze_last)
     return [
         SqueezeTransform(cache_size=1),
-        FactorOut(ComposeTransformModule(inner), sq),
+        FactorOut(Stack(inner), sq),
         *squeezed(sq, False),
         _unsqueeze(),
         *outer,

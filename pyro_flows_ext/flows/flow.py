@@ -20,12 +20,11 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import ConditionalTransformedDistribution, TransformedDistribution
 from pyro.distributions.conditional import ConditionalTransform, ConditionalTransformModule
-from pyro.distributions.torch_transform import ComposeTransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform
 
 from pyro_flows_ext.checks import check_input, positive_int
-from pyro_flows_ext.transforms import CachedTransformModule, condition_all
+from pyro_flows_ext.transforms import CachedTransformModule, Stack, condition_all
 
 __all__ = ["Flow"]
 
@@ -114,7 +113,7 @@ class Flow(nn.Module):
             got = [type(t).__name__ for t in parts]
             want = "Transform s" + (" or ConditionalTransform s" if self.context_dim else "")
             raise TypeError(f"transforms must be torch.distributions.{want}, got {got}")
-        self.transform = ComposeTransformModule(parts)
+        self.transform = Stack(parts)
         self.register_buffer("base_loc", torch.zeros(self.event_shape))
         self.register_buffer("base_scale", torch.ones(self.event_shape))
         self.config = config

@@ -39,6 +39,7 @@ from pyro_flows_ext.transforms.spline import (
 )
 from pyro_flows_ext.transforms.split import FactorOut, SplitPrior, split_prior
 from pyro_flows_ext.transforms.squeeze import SqueezeTransform
+from pyro_flows_ext.transforms.stack import Stack
 
 __all__ = [
     "COUPLINGS",
@@ -63,6 +64,7 @@ __all__ = [
     "SplineCoupling",
     "SplitPrior",
     "SqueezeTransform",
+    "Stack",
     "actnorm",
     "additive_coupling",
     "affine_coupling",

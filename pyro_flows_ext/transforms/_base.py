@@ -9,6 +9,7 @@ torch users write, whatever updates the parameters (see :class:`CachedTransformM
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -22,8 +23,10 @@ from pyro_flows_ext.checks import check_input
 __all__ = ["CachedTransformModule", "event_constraint", "sum_event"]
 
 
+@functools.cache
 def event_constraint(event_dim: int) -> constraints.Constraint:
-    """The real constraint with ``event_dim`` dependent dimensions."""
+    """The real constraint with ``event_dim`` dependent dimensions (one shared object per
+    ``event_dim``: constraints are immutable, and transforms read them on every call)."""
     return constraints.independent(constraints.real, event_dim)
 
 

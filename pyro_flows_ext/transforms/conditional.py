@@ -33,6 +33,7 @@ from pyro_flows_ext.transforms.coupling import (
 from pyro_flows_ext.transforms.masks import make_partition
 from pyro_flows_ext.transforms.spline import SplineCoupling
 from pyro_flows_ext.transforms.split import FactorOut
+from pyro_flows_ext.transforms.stack import Stack
 
 __all__ = [
     "ConditionalAffineCoupling",
@@ -226,7 +227,7 @@ def condition_all(transform: Transform | ConditionalTransform, context: Tensor) 
         parts = [condition_all(p, context) for p in transform.parts]
         if all(a is b for a, b in zip(parts, transform.parts, strict=True)):
             return transform
-        return ComposeTransform(parts)
+        return Stack(parts)
     if isinstance(transform, FactorOut):
         inner = condition_all(transform.inner, context)
         return transform if inner is transform.inner else FactorOut(inner, transform.event_shape)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pyro.distributions.torch_transform import ComposeTransformModule
-
 from pyro_flows_ext.checks import EventShape, as_event_shape
 from pyro_flows_ext.nn import HIDDEN_CHANNELS
 from pyro_flows_ext.transforms.actnorm import ActNorm
 from pyro_flows_ext.transforms.invertible import invertible_linear
 from pyro_flows_ext.transforms.kinds import make_coupling
+from pyro_flows_ext.transforms.stack import Stack
 
 __all__ = ["glow_step"]
 
@@ -25,8 +24,8 @@ def glow_step(
     data_init: bool = True,
     coupling: str = "affine",
     context_dim: int = 0,
-) -> ComposeTransformModule:
-    """One Glow flow step as a ``ComposeTransformModule``.
+) -> Stack:
+    """One Glow flow step as a :class:`~pyro_flows_ext.transforms.Stack`.
 
     In the density direction (data to noise, the inverse) it applies :class:`ActNorm`, then
     :class:`InvertibleConv1x1` (:class:`InvertibleLinear` for vectors), then an
@@ -65,4 +64,4 @@ def glow_step(
         context_dim=context_dim,
     )
     mixing = invertible_linear(event_shape, lu=lu)
-    return ComposeTransformModule([layer, mixing, ActNorm(event_shape, data_init=data_init)])
+    return Stack([layer, mixing, ActNorm(event_shape, data_init=data_init)])
