@@ -153,9 +153,8 @@ def check_input(x: Any, event_shape: tuple[int | None, ...], name: str = "input"
         raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
     n = len(event_shape)
     tail = x.shape[x.dim() - n :] if x.dim() >= n else None
-    ok = tail is not None and (
-        tail == event_shape or all(e is None or e == s for e, s in zip(event_shape, tail))
-    )
+    pairs = zip(event_shape, tail or (), strict=False)  # tail has n entries when not None
+    ok = tail is not None and (tail == event_shape or all(e is None or e == s for e, s in pairs))
     if not ok:
         want = "(" + ", ".join("*" if e is None else str(e) for e in event_shape) + ")"
         raise ValueError(
