@@ -33,6 +33,14 @@ Run (needs the ``bench`` extra: zuko, nflows)::
     python benchmarks/density.py                          # all models, 3000 steps, batch 128
     python benchmarks/density.py --steps 300 --out benchmarks/results/density.smoke
     python benchmarks/density.py --models glow,zuko-maf --threads 2
+    python benchmarks/density.py --tune    # realnvp-spline and zuko-nsf: best of 4 configs each
+
+``--tune`` gives the best of our flows and the best peer the same tuning effort: four
+configurations each (ours: ``hidden_channels`` 16/32 x ``depth`` 2/3; zuko's NSF: 3/5
+transforms x hidden 64/128), each trained under the protocol, the row being the one with the
+best validation bits/dim (its test bits/dim; the others are listed in the model notes).
+The class-conditional row (``realnvp-spline-cond``) scores ``p(x | digit)`` with the true
+labels, so it is not comparable with the unconditional rows: it shows what the label is worth.
 
 Results: a table on stdout, ``<out>.json`` and ``<out>.md`` (default
 ``benchmarks/results/density``).
@@ -77,21 +85,25 @@ def _seed(seed: int, *keys: int) -> int:
 
 
 class Density(nn.Module):
-    """A density model of preprocessed images: ``log_prob((B, 1, 8, 8)) -> (B,)``."""
+    """A density model of preprocessed images: ``log_prob((B, 1, 8, 8)) -> (B,)``; a
+    class-conditional one (``conditional = True``) also takes the one-hot labels ``(B, 10)``."""
 
-    def log_prob(self, y: Tensor) -> Tensor:
+    conditional = False
+
+    def log_prob(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
 
 class OurFlow(Density):
-    """One of our :class:`Flow` s on ``(B, 1, 8, 8)``."""
+    """One of our :class:`Flow` s on ``(B, 1, 8, 8)`` (conditional when the flow is)."""
 
     def __init__(self, flow: Flow) -> None:
         super().__init__()
         self.flow = flow
+        self.conditional = flow.context_dim > 0
 
-    def log_prob(self, y: Tensor) -> Tensor:
-        return self.flow.log_prob(y)
+    def log_prob(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.flow.log_prob(y, context=context)
 
 
 class Flattened(Density):
@@ -102,7 +114,7 @@ class Flattened(Density):
         self.module = module
         self.fn = fn
 
-    def log_prob(self, y: Tensor) -> Tensor:
+    def log_prob(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         return self.fn(self.module, y.flatten(1))
 
 
@@ -129,18 +141,18 @@ class PyroAffineStack(Density):
         self.register_buffer("base_loc", torch.zeros(DIMS))
         self.register_buffer("base_scale", torch.ones(DIMS))
 
-    def log_prob(self, y: Tensor) -> Tensor:
+    def log_prob(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         import pyro.distributions as dist
 
         base = dist.Normal(self.base_loc, self.base_scale).to_event(1)
         return dist.TransformedDistribution(base, self.transforms).log_prob(y.flatten(1))
 
 
-def _zuko(kind: str) -> Density:
+def _zuko(kind: str, transforms: int = 3, hidden: int = 64) -> Density:
     import zuko
 
     if kind == "nsf":
-        flow = zuko.flows.NSF(DIMS, transforms=3, hidden_features=(64, 64))
+        flow = zuko.flows.NSF(DIMS, transforms=transforms, hidden_features=(hidden, hidden))
     else:
         flow = zuko.flows.MAF(DIMS, transforms=5, hidden_features=(128, 128))
     return Flattened(flow, lambda m, x: m().log_prob(x))
@@ -164,6 +176,19 @@ MODELS: dict[str, tuple[str, Callable[[], Density] | None]] = {
         "ours: realnvp((1, 8, 8), hidden_channels=32) (L=3, 3 couplings/scale)",
         lambda: OurFlow(realnvp(SHAPE, hidden_channels=32)),
     ),
+    "realnvp-spline": (
+        "ours: realnvp((1, 8, 8), hidden_channels=32, coupling='spline') (L=3, 3 couplings/scale)",
+        lambda: OurFlow(realnvp(SHAPE, hidden_channels=32, coupling="spline")),
+    ),
+    "glow-spline": (
+        "ours: glow((1, 8, 8), hidden_channels=32, coupling='spline') (L=2, K=8)",
+        lambda: OurFlow(glow(SHAPE, hidden_channels=32, coupling="spline")),
+    ),
+    "realnvp-spline-cond": (
+        "ours, class-conditional: realnvp-spline with context_dim=10 (one-hot digit), "
+        "bits/dim of p(x | label)",
+        lambda: OurFlow(realnvp(SHAPE, hidden_channels=32, coupling="spline", context_dim=10)),
+    ),
     "glow-fit": ("cross-check: glow as above, trained by pyro_flows_ext.train.fit", None),
     "realnvp-fit": ("cross-check: realnvp as above, trained by pyro_flows_ext.train.fit", None),
     "zuko-nsf": ("zuko.flows.NSF(64, transforms=3, hidden (64, 64), 8 bins)", lambda: _zuko("nsf")),
@@ -175,6 +200,20 @@ MODELS: dict[str, tuple[str, Callable[[], Density] | None]] = {
     ),
 }
 DEFAULT = [name for name in MODELS if not name.endswith("-fit")]
+
+# --tune: the same number of configurations for the best of ours and the best peer, each
+# chosen by its best validation bits/dim; name -> [(label, builder)]
+GRIDS: dict[str, list[tuple[str, Callable[[], Density]]]] = {
+    "realnvp-spline": [
+        (f"hidden_channels={h}, depth={k}",
+         lambda h=h, k=k: OurFlow(realnvp(SHAPE, depth=k, hidden_channels=h, coupling="spline")))
+        for h in (16, 32) for k in (2, 3)
+    ],
+    "zuko-nsf": [
+        (f"transforms={t}, hidden=({h}, {h})", lambda t=t, h=h: _zuko("nsf", t, h))
+        for t in (3, 5) for h in (64, 128)
+    ],
+}  # fmt: skip
 
 # ------------------------------------------------------------------------------ protocol
 
@@ -197,16 +236,28 @@ class Result:
     valid_curve: list[tuple[int, float]] = field(default_factory=list)
 
 
-def bits_per_dim(model: Density, data: Tensor, pre: Dequantize, seed: int) -> float:
-    """Mean ``-log p(x) / (D log 2)`` of raw images ``data``, noise from ``seed``."""
+def bits_per_dim(
+    model: Density, data: Tensor, pre: Dequantize, seed: int, context: Tensor | None = None
+) -> float:
+    """Mean ``-log p(x) / (D log 2)`` of raw images ``data`` (given ``context``, one row per
+    image, for a conditional model), noise from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     model.eval()
     with torch.no_grad():
         for start in range(0, data.shape[0], 500):
             y, log_det = pre(data[start : start + 500].float(), len(SHAPE), g)
-            total -= float((model.log_prob(y) + log_det).double().sum())
+            c = None if context is None else context[start : start + 500]
+            total -= float((model.log_prob(y, c) + log_det).double().sum())
     return total / (data.shape[0] * DIMS * math.log(2))
+
+
+def one_hot_labels(split: Any, model: Density) -> tuple[Tensor | None, ...]:
+    """The one-hot digit of every train/valid/test image for a conditional model."""
+    if not model.conditional:
+        return None, None, None
+    parts = (split.labels.train, split.labels.valid, split.labels.test)
+    return tuple(torch.nn.functional.one_hot(p, 10).float() for p in parts)
 
 
 def train(
@@ -216,15 +267,16 @@ def train(
     params = sum(p.numel() for p in model.parameters())
     result = Result(name, MODELS[name][0], params)
     x_train, x_valid, x_test = split.train, split.valid, split.test
+    c_train, c_valid, c_test = one_hot_labels(split, model)
     n = x_train.shape[0]
     batch = min(batch, n)
     per_epoch = n // batch
 
     g = torch.Generator().manual_seed(_seed(seed, 2))
-    init = x_train[torch.randperm(n, generator=g)[:INIT_BATCH]]
+    init = torch.randperm(n, generator=g)[:INIT_BATCH]
     with torch.no_grad():  # data-dependent initialisation (ActNorm)
-        y, _ = pre(init.float(), len(SHAPE), g)
-        model.log_prob(y)
+        y, _ = pre(x_train[init].float(), len(SHAPE), g)
+        model.log_prob(y, None if c_train is None else c_train[init])
 
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP))
@@ -236,11 +288,12 @@ def train(
         if e != epoch:
             epoch = e
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, 0, e)))
-        x = x_train[perm[i * batch : (i + 1) * batch]].float()
+        idx = perm[i * batch : (i + 1) * batch]
+        x, c = x_train[idx].float(), None if c_train is None else c_train[idx]
         t0 = time.perf_counter()
         model.train()
         y, log_det = pre(x, len(SHAPE), torch.Generator().manual_seed(_seed(seed, 1, step)))
-        loss = -(model.log_prob(y) + log_det).mean() / (DIMS * math.log(2))
+        loss = -(model.log_prob(y, c) + log_det).mean() / (DIMS * math.log(2))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = nn.utils.clip_grad_norm_(model.parameters(), CLIP)
@@ -253,7 +306,7 @@ def train(
         train_time += time.perf_counter() - t0
         result.steps_run = step + 1
         if (step + 1) % EVAL_EVERY == 0 or step + 1 == steps:
-            score = bits_per_dim(model, x_valid, pre, _seed(seed, 3))
+            score = bits_per_dim(model, x_valid, pre, _seed(seed, 3), c_valid)
             result.valid_curve.append((step + 1, score))
             if result.best_valid_bpd is None or score < result.best_valid_bpd:
                 result.best_valid_bpd, result.best_step, bad = score, step + 1, 0
@@ -265,10 +318,26 @@ def train(
                     break
     if best_state is not None:
         model.load_state_dict(best_state)
-        result.test_bpd = bits_per_dim(model, x_test, pre, _seed(seed, 4))
+        result.test_bpd = bits_per_dim(model, x_test, pre, _seed(seed, 4), c_test)
     result.steps_per_s = result.steps_run / train_time if train_time > 0 else None
     result.seconds = time.perf_counter() - start_all
     return result
+
+
+def tune(name: str, split: Any, pre: Dequantize, steps: int, batch: int, seed: int) -> Result:
+    """Train every configuration of ``GRIDS[name]`` under the protocol; the one with the best
+    validation bits/dim is the row (its test bits/dim), the others are listed with it."""
+    tried: list[tuple[str, Result]] = []
+    for label, builder in GRIDS[name]:
+        torch.manual_seed(_seed(seed, 6))
+        tried.append((label, train(name, builder(), split, pre, steps, batch, seed)))
+        print(f"  {name} [{label}]: valid {_f(tried[-1][1].best_valid_bpd, '.3f')}", flush=True)
+    ok = [(label, r) for label, r in tried if r.best_valid_bpd is not None]
+    label, best = min(ok, key=lambda lr: lr[1].best_valid_bpd or math.inf)
+    grid = "; ".join(f"{lab}: valid {_f(r.best_valid_bpd, '.3f')}" for lab, r in tried)
+    best.description = f"{MODELS[name][0]}, tuned: best of [{grid}] -> {label}"
+    best.seconds = sum(r.seconds for _, r in tried)
+    return best
 
 
 def train_with_fit(
@@ -313,7 +382,7 @@ class GaussianBaseline(Density):
         super().__init__()
         self.dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)
 
-    def log_prob(self, y: Tensor) -> Tensor:
+    def log_prob(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         return self.dist.log_prob(y.flatten(1).double()).float()
 
 
@@ -373,6 +442,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds init, batches and noise")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help=f"models in {sorted(GRIDS)} try {len(GRIDS['zuko-nsf'])} configurations each "
+        "and report the best by validation (same effort for ours and the peer)",
+    )
     parser.add_argument("--out", default="benchmarks/results/density", help="<out>.json/.md")
     args = parser.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -392,6 +467,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             if name == "gaussian":
                 result = gaussian(split, pre, args.seed)
+            elif args.tune and name in GRIDS:
+                result = tune(name, split, pre, args.steps, args.batch, args.seed)
             elif builder is None:
                 result = train_with_fit(name, split, pre, args.steps, args.batch, args.seed)
             else:
@@ -420,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
         "clip_grad": CLIP,
         "eval_every": EVAL_EVERY,
         "patience": PATIENCE,
+        "tune": args.tune,
         "split": [len(split.train), len(split.valid), len(split.test)],
         "preprocess": pre.config(),
         "package": str(Path(pyro_flows_ext.__file__).parent),

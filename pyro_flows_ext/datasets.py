@@ -2,8 +2,9 @@
 
 Nothing downloads: scikit-learn's digits and moons ship with scikit-learn, MNIST is read from
 ``../shared/images/mnist`` (IDX gzip files), and ``.npy``/``.csv`` files are read from disk.
-Every loader returns a :class:`Split`: tensors ``(N, *event_shape)`` and, for discrete images,
-the number of grey ``levels`` to pass to ``fit(..., dequantize=levels)``.
+Every loader returns a :class:`Split`: tensors ``(N, *event_shape)``, for discrete images the
+number of grey ``levels`` to pass to ``fit(..., dequantize=levels)``, and for labelled data
+(the digits) the class :class:`Labels` of every example, for conditional models.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "Labels",
     "Split",
     "find_mnist",
     "load_array",
@@ -31,14 +33,30 @@ __all__ = [
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
 
 
+class Labels(NamedTuple):
+    """Integer class labels ``(N,)`` (``torch.long``) of a :class:`Split`'s examples, row
+    ``i`` of ``train`` labelling row ``i`` of the split's ``train``, and so on."""
+
+    train: Tensor
+    valid: Tensor
+    test: Tensor
+
+    @property
+    def classes(self) -> int:
+        """Number of classes: one more than the largest label."""
+        return 1 + max(int(part.max()) for part in self)
+
+
 class Split(NamedTuple):
     """Train/validation/test tensors; ``levels`` is the number of values of discrete data
-    (``None`` for continuous data)."""
+    (``None`` for continuous data); ``labels`` the class :class:`Labels` of labelled data
+    (``None`` for unlabelled data)."""
 
     train: Tensor
     valid: Tensor
     test: Tensor
     levels: int | None = None
+    labels: Labels | None = None
 
     @property
     def event_shape(self) -> tuple[int, ...]:
@@ -46,21 +64,32 @@ class Split(NamedTuple):
 
 
 def split_data(
-    data: Tensor, sizes: tuple[int, int, int], seed: int = 0, levels: int | None = None
+    data: Tensor,
+    sizes: tuple[int, int, int],
+    seed: int = 0,
+    levels: int | None = None,
+    labels: Tensor | None = None,
 ) -> Split:
-    """Shuffle ``data`` with ``seed`` and cut it into ``sizes = (train, valid, test)``.
+    """Shuffle ``data`` with ``seed`` and cut it into ``sizes = (train, valid, test)``;
+    ``labels`` (one per example, optional) are shuffled and cut alike.
 
     Example:
-        >>> s = split_data(torch.arange(10.0).reshape(10, 1), (6, 2, 2))
-        >>> [len(part) for part in s[:3]]
-        [6, 2, 2]
+        >>> s = split_data(torch.arange(10.0).reshape(10, 1), (6, 2, 2), labels=torch.arange(10))
+        >>> [len(part) for part in s[:3]], bool((s.labels.train == s.train[:, 0]).all())
+        ([6, 2, 2], True)
     """
-    n_train, n_valid, n_test = sizes
+    _n_train, _n_valid, _n_test = sizes  # exactly three parts
     if min(sizes) < 1 or sum(sizes) > data.shape[0]:
         raise ValueError(f"split sizes {sizes} need {sum(sizes)} examples, got {data.shape[0]}")
+    if labels is not None and tuple(labels.shape) != (data.shape[0],):
+        raise ValueError(
+            f"labels must have shape ({data.shape[0]},), one per example, got {tuple(labels.shape)}"
+        )
     perm = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(seed))
-    parts = torch.split(data[perm[: sum(sizes)]], list(sizes))
-    return Split(parts[0], parts[1], parts[2], levels)
+    keep = perm[: sum(sizes)]
+    parts = torch.split(data[keep], list(sizes))
+    cut = None if labels is None else Labels(*torch.split(labels[keep].long(), list(sizes)))
+    return Split(parts[0], parts[1], parts[2], levels, cut)
 
 
 def _fractions(n: int) -> tuple[int, int, int]:
@@ -70,17 +99,22 @@ def _fractions(n: int) -> tuple[int, int, int]:
 
 def load_digits_split(seed: int = 0) -> Split:
     """scikit-learn's 1,797 handwritten digits as ``(N, 1, 8, 8)`` ``uint8`` images with 17
-    levels (0..16), split 1,200 / 300 / 297 by ``seed``.
+    levels (0..16), split 1,200 / 300 / 297 by ``seed``, with their ``labels`` (the digit,
+    0..9, as ``torch.long``).
 
     Example:
         >>> s = load_digits_split()
         >>> s.train.shape, len(s.valid), len(s.test), s.levels
         (torch.Size([1200, 1, 8, 8]), 300, 297, 17)
+        >>> s.labels.train.shape, s.labels.classes
+        (torch.Size([1200]), 10)
     """
     from sklearn.datasets import load_digits
 
-    images = torch.from_numpy(load_digits().images.astype(np.uint8)).unsqueeze(1)
-    return split_data(images, (1200, 300, 297), seed, levels=17)
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    return split_data(images, (1200, 300, 297), seed, levels=17, labels=labels)
 
 
 def load_moons(n: int = 3000, noise: float = 0.05, seed: int = 0) -> Split:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -22,12 +23,18 @@ if TYPE_CHECKING:
 
 __all__ = ["image_grid", "save_curve", "save_samples"]
 
+DPI = 100
+GRID_PIXELS = 480
+"""Target size in screen pixels of the longer side of a sample grid (an integer number of
+screen pixels per image pixel, so that every image pixel is drawn as the same square)."""
+TITLE_PIXELS, LABEL_PIXELS, MIN_WIDTH = 30, 24, 400
+
 
 def _figure(width: float, height: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
@@ -56,23 +63,67 @@ def image_grid(
     return grid[0] if c == 1 else grid.transpose(1, 2, 0)
 
 
+def _grid_figure(
+    grid: np.ndarray, title: str | None, row_labels: Sequence[str] | None, pad: int
+) -> Figure:
+    """The figure of an image grid, every image pixel an ``s x s`` square of screen pixels
+    (``s`` an integer), with room for the title above and the row labels on the left."""
+    rows, cols = grid.shape[:2]
+    scale = max(1, GRID_PIXELS // max(rows, cols))
+    left = LABEL_PIXELS if row_labels else 0
+    width = max(cols * scale + left, MIN_WIDTH)
+    lines = textwrap.wrap(title, width // 8) if title else []  # 9 pt: < 8 pixels a character
+    height = rows * scale + (TITLE_PIXELS + 16 * (len(lines) - 1) if lines else 0)
+    fig = _figure(width / DPI, height / DPI)
+    if lines:
+        fig.text(0.5, 1 - 6 / height, "\n".join(lines), ha="center", va="top")
+    x0 = (width - cols * scale - left) // 2 + left  # centred, whole screen pixels
+    ax = fig.add_axes((x0 / width, 0, cols * scale / width, rows * scale / height))
+    cmap = "gray_r" if grid.ndim == 2 else None
+    ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="equal", interpolation="nearest")
+    ax.set_axis_off()
+    if row_labels:
+        cell = (rows + pad) / len(row_labels)  # image rows of one grid row, padding included
+        for i, label in enumerate(row_labels):
+            ax.text(-1, (i + 0.5) * cell - 0.5 * pad - 0.5, label, ha="right", va="center")
+    return fig
+
+
 def save_samples(
     samples: Tensor,
     path: str | os.PathLike[str],
     reference: Tensor | None = None,
     title: str | None = None,
     nrow: int | None = None,
+    row_labels: Sequence[str] | None = None,
 ) -> None:
     """Write samples to a PNG: a grid for images ``(N, C, H, W)`` in ``[0, 1]``, a scatter
     plot (the first two coordinates, over ``reference`` data in grey) for vectors ``(N, D)``.
+
+    A grid has ``nrow`` images per row (default about ``sqrt(N)``) and square pixels: every
+    image pixel is drawn as the same square of screen pixels. ``row_labels`` (images only,
+    one per grid row) are written left of the rows, e.g. the class of each row of a
+    class-conditional model's samples.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = pathlib.Path(tmp) / "grid.png"
+        ...     save_samples(torch.rand(6, 1, 8, 8), path, nrow=3, row_labels=["a", "b"])
+        ...     path.stat().st_size > 0
+        True
     """
     samples = samples.detach().cpu()
     if samples.dim() == 4:
         grid = image_grid(samples, nrow)
-        fig = _figure(6, 6 * grid.shape[0] / grid.shape[1] + (0.4 if title else 0))
-        ax = fig.add_axes((0, 0, 1, 0.93 if title else 1))
-        ax.imshow(grid, cmap="gray_r" if grid.ndim == 2 else None, vmin=0, vmax=1)
-        ax.set_axis_off()
+        rows = math.ceil(len(samples) / (nrow or max(1, math.ceil(math.sqrt(len(samples))))))
+        if row_labels is not None and len(row_labels) != rows:
+            raise ValueError(f"row_labels must hold one label per grid row ({rows}), got "
+                             f"{len(row_labels)}")  # fmt: skip
+        fig = _grid_figure(grid, title, row_labels, pad=1)
+        title = None  # drawn, wrapped to the figure's width
+    elif row_labels is not None:
+        raise ValueError("row_labels apply to image grids, not to scatter plots of vectors")
     elif samples.dim() == 2:
         fig = _figure(5, 5)
         ax = fig.add_subplot()

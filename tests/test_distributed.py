@@ -43,6 +43,18 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return x[:128], x[128:]
 
 
+def _contexts() -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot contexts of :func:`_data`'s examples, one row each (3 classes)."""
+    labels = torch.arange(144) % 3
+    c = torch.nn.functional.one_hot(labels, 3)
+    return c[:128], c[128:]
+
+
+def _conditional_flow(init_seed: int) -> Flow:
+    torch.manual_seed(init_seed)
+    return glow((1, 4, 4), levels=1, depth=1, hidden_channels=4, context_dim=3).double()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,6 +80,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         resumed = _flow(9 + rank)
         fit(resumed, train, valid=valid, batch_size=BATCH, checkpoint=part, **SETTINGS)
         torch.save(resumed.state_dict(), Path(out) / f"resumed{rank}.pt")
+        # a conditional flow: each process takes the context rows of its shard
+        (c_train, c_valid), cond = _contexts(), _conditional_flow(200 + rank)
+        history = fit(cond, train, context=c_train, valid=valid, valid_context=c_valid,
+                      batch_size=BATCH, **SETTINGS)  # fmt: skip
+        torch.save({"state": cond.state_dict(), "history": history.to_dict()},
+                   Path(out) / f"conditional{rank}.pt")  # fmt: skip
     finally:
         dist.destroy_process_group()
 
@@ -110,6 +128,28 @@ def test_two_processes_match_one_process_on_the_global_batch(two_processes: Path
     )  # fmt: skip
     for key, value in flow.state_dict().items():
         torch.testing.assert_close(ddp["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_conditional_flows_train_data_parallel(two_processes: Path) -> None:
+    """Two processes on a conditional flow match one process on the global batch: every
+    process pairs its shard of the examples with the same shard of the contexts."""
+    (train, valid), (c_train, c_valid) = _data(), _contexts()
+    flow = _conditional_flow(200)  # rank 0's start
+    single = fit(flow, train, context=c_train, valid=valid, valid_context=c_valid,
+                 batch_size=BATCH * WORLD, distributed=False, **SETTINGS)  # fmt: skip
+    runs = [_load(two_processes / f"conditional{r}.pt") for r in range(WORLD)]
+    assert runs[0]["history"]["valid_bpd"] == runs[1]["history"]["valid_bpd"]
+    torch.testing.assert_close(
+        torch.tensor(runs[0]["history"]["train_bpd"]), torch.tensor(single.train_bpd),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(runs[0]["history"]["valid_bpd"]), torch.tensor(single.valid_bpd),
+        rtol=1e-6, atol=1e-8,
+    )  # fmt: skip
+    for key, value in flow.state_dict().items():
+        assert torch.equal(runs[0]["state"][key], runs[1]["state"][key]), key
+        torch.testing.assert_close(runs[0]["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_only_rank_zero_writes_and_resume_is_exact(two_processes: Path) -> None:

@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from pyro_flows_ext.flows import Flow
 from pyro_flows_ext.train._steps import (
@@ -17,10 +16,10 @@ from pyro_flows_ext.train._steps import (
     Schedule,
     compile_conditioners,
     seed_of,
-    stage,
 )
 from pyro_flows_ext.train.checkpoint import Checkpoint, save_checkpoint
 from pyro_flows_ext.train.config import FitConfig
+from pyro_flows_ext.train.data import Examples
 from pyro_flows_ext.train.distributed import Distributed
 from pyro_flows_ext.train.metrics import log_likelihood, nll
 from pyro_flows_ext.train.state import History, TrainingDivergedError, TrainingState
@@ -52,20 +51,26 @@ class _Progress:
 
 class Trainer:
     """One process's run of :func:`~pyro_flows_ext.train.fit` in the process view ``ctx``:
-    :meth:`start` (resume, or initialise ActNorm on data), then :meth:`run`."""
+    :meth:`start` (resume, or initialise ActNorm on data), then :meth:`run`. The examples
+    carry their contexts for a conditional flow; every row selection applies to both."""
 
     def __init__(
-        self, flow: Flow, train: Tensor, valid: Tensor | None, config: FitConfig, ctx: Distributed
+        self,
+        flow: Flow,
+        train: Examples,
+        valid: Examples | None,
+        config: FitConfig,
+        ctx: Distributed,
     ) -> None:
         self.flow, self.config, self.ctx = flow, config, ctx
-        self.train, self.valid = train, valid
+        self.valid = valid
         # one global batch per step, cut into world_size shards (see train.distributed)
-        self.batches = Batches(train.shape[0], config.batch_size * ctx.world_size, config.seed)
+        self.batches = Batches(len(train), config.batch_size * ctx.world_size, config.seed)
         self.total = config.total_steps(self.batches.per_epoch)
         self.every = config.eval_interval(self.batches.per_epoch)
         # the loss as a module; a learned preprocessing (variational dequantization) trains too
         objective = Objective(flow, config.preprocess, config.bf16).to(ctx.device)
-        self.data = stage(train, ctx.device)
+        self.data = train.staged(ctx.device)
         optimizer = torch.optim.Adam(
             objective.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -90,10 +95,10 @@ class Trainer:
     def _initialise(self) -> None:
         """Data-dependent initialisation (ActNorm) on a batch of training data."""
         g = torch.Generator().manual_seed(seed_of(self.config.seed, 2))  # same in every process
-        idx = torch.randperm(self.train.shape[0], generator=g)[: max(self.batches.batch_size, 256)]
-        x = self.data[idx.to(self.data.device)].to(self.ctx.device)
+        idx = torch.randperm(len(self.data), generator=g)[: max(self.batches.batch_size, 256)]
+        x, c = self.data.take(idx, self.ctx.device)
         with torch.no_grad():
-            log_likelihood(self.flow, x, self.config.preprocess, g)
+            log_likelihood(self.flow, x, self.config.preprocess, g, c)
 
     def run(self, loss_fn: torch.nn.Module) -> History:
         """Train to the last step or until early stopping; leave the best weights in."""
@@ -122,9 +127,8 @@ class Trainer:
         """One optimiser step on the global batch; its bits/dim."""
         state, ctx = self.state, self.ctx
         g = torch.Generator().manual_seed(seed_of(self.config.seed, 1, state.step, *ctx.rank_key))
-        idx = ctx.shard(self.batches.indices(state.step))
-        x = self.data[idx.to(self.data.device)].to(ctx.device, non_blocking=True)
-        loss = loss_fn(x, g)
+        x, c = self.data.take(ctx.shard(self.batches.indices(state.step)), ctx.device)
+        loss = loss_fn(x, g, c)
         value = ctx.mean(loss)  # the global batch's bits/dim, the same in every process
         if not math.isfinite(value):
             raise self._diverged(f"the loss is {value}")
@@ -152,13 +156,14 @@ class Trainer:
             progress.show("valid", score)
         self._write()
 
-    def _evaluate(self, valid: Tensor) -> float:
+    def _evaluate(self, valid: Examples) -> float:
         """Global validation bits/dim: each process scores its shard."""
-        ctx, part, ll = self.ctx, self.ctx.shard(valid), 0.0
-        if part.shape[0]:
+        ctx, part, ll = self.ctx, valid.rows(self.ctx.shard), 0.0
+        if len(part):
             seed = seed_of(self.config.seed, 3, *ctx.rank_key)
-            ll = -nll(self.flow, part, dequantize=self.config.preprocess, seed=seed)
-        total_ll, count = ctx.sum(ll * part.shape[0], part.shape[0])
+            pre = self.config.preprocess
+            ll = -nll(self.flow, part.x, context=part.context, dequantize=pre, seed=seed)
+        total_ll, count = ctx.sum(ll * len(part), len(part))
         return -total_ll / count / (self.flow.num_dims * math.log(2))
 
     def _write(self) -> None:

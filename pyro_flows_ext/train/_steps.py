@@ -1,5 +1,5 @@
 """Pieces of :func:`~pyro_flows_ext.train.fit`'s loop: seeds, batch order, the learning-rate
-schedule, data staging and the training objective as a module (so that
+schedule and the training objective as a module (so that
 ``DistributedDataParallel`` can wrap it)."""
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ __all__ = [
     "compile_conditioners",
     "seed_of",
     "snapshot",
-    "stage",
 ]
 
 
@@ -74,15 +73,6 @@ def compile_conditioners(flow: Flow) -> None:
             net.compile()
 
 
-def stage(data: Tensor, device: torch.device) -> Tensor:
-    """Keep data on the CPU for CPU training; for CUDA pin it, and move it whole when small."""
-    if device.type != "cuda":
-        return data
-    pinned = data.pin_memory()
-    small = data.numel() * data.element_size() < 2**30
-    return pinned.to(device, non_blocking=True) if small else pinned
-
-
 class Objective(nn.Module):
     """The training loss as a module: bits/dim of a raw batch, averaged over the batch.
 
@@ -102,9 +92,13 @@ class Objective(nn.Module):
     def pre(self) -> Preprocess:
         return self._fixed if self._fixed is not None else self.learned  # type: ignore[return-value]
 
-    def forward(self, x: Tensor, generator: torch.Generator) -> Tensor:
+    def forward(
+        self, x: Tensor, generator: torch.Generator, context: Tensor | None = None
+    ) -> Tensor:
+        """Mean bits/dim of the raw batch ``x`` (given ``context`` for a conditional flow;
+        the preprocessing, even a learned one, does not see the context)."""
         flow = self.flow
         y, log_det = self.pre(x.to(flow.base_loc.dtype), len(flow.event_shape), generator)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-            lp = flow.log_prob(y)
+            lp = flow.log_prob(y, context=context)
         return -(lp.float() + log_det.float()).mean() / (flow.num_dims * math.log(2))

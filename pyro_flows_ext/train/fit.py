@@ -19,8 +19,8 @@ import torch
 from pyro_flows_ext.flows import Flow
 from pyro_flows_ext.train._loop import Trainer
 from pyro_flows_ext.train.config import FitConfig, resolve_device
+from pyro_flows_ext.train.data import examples
 from pyro_flows_ext.train.distributed import setup_distributed
-from pyro_flows_ext.train.metrics import as_tensor_data
 from pyro_flows_ext.train.preprocess import DequantizeSpec
 from pyro_flows_ext.train.state import History, TrainingDivergedError
 
@@ -31,7 +31,9 @@ def fit(
     flow: Flow,
     train: Any,
     *,
+    context: Any = None,
     valid: Any = None,
+    valid_context: Any = None,
     steps: int | None = None,
     epochs: int | None = None,
     batch_size: int = 64,
@@ -61,6 +63,11 @@ def fit(
             discrete data). With ``valid``, the validation bits/dim is measured every
             ``eval_every`` steps, training stops after ``patience`` evaluations without
             improvement, and the best weights are restored at the end.
+        context, valid_context: for a conditional flow (``flow.context_dim = K > 0``), the
+            ``(N, K)`` tensors or arrays of contexts of ``train`` and ``valid``, one row per
+            example (e.g. one-hot labels), cast to the flow's dtype; rows are shuffled and
+            sharded with their examples. The flow learns ``p(x | c)``. An unconditional flow
+            takes neither. The context is data: checkpoints hold nothing of it.
         steps, epochs: length of the run (at most one; default 1000 steps). An epoch is
             ``N // (batch_size * world_size)`` steps.
         batch_size, lr, weight_decay: Adam's settings (``batch_size`` per process: a
@@ -106,6 +113,16 @@ def fit(
         >>> h = fit(flow, data, steps=60, lr=3e-3, progress=False, device="cpu")
         >>> sum(h.train_bpd[-10:]) < sum(h.train_bpd[:10])
         True
+
+        A class-conditional model ``p(x | c)``, the context one-hot labels:
+
+        >>> labels = torch.randint(0, 2, (512,))
+        >>> x = torch.randn(512, 2) + 4 * labels[:, None]
+        >>> cflow = realnvp(2, depth=2, hidden_dims=[16], context_dim=2)
+        >>> c = torch.nn.functional.one_hot(labels, 2)
+        >>> h = fit(cflow, x, context=c, steps=60, lr=3e-3, progress=False, device="cpu")
+        >>> cflow.sample((3,), context=torch.eye(2)).shape  # 3 per class
+        torch.Size([3, 2, 2])
     """
     config = FitConfig(
         steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup,
@@ -114,27 +131,30 @@ def fit(
         checkpoint=checkpoint, resume=resume, progress=progress, seed=seed, bf16=bf16,
         compile=compile, callback=callback, distributed=distributed,
     )  # fmt: skip
-    return _fit(flow, train, valid, config)
+    return _fit(flow, (train, context), (valid, valid_context), config)
 
 
-def _fit(flow: Flow, train: Any, valid: Any, config: FitConfig) -> History:
-    """:func:`fit` with its settings as a :class:`~pyro_flows_ext.train.FitConfig`."""
+def _fit(flow: Flow, train: tuple[Any, Any], valid: tuple[Any, Any], config: FitConfig) -> History:
+    """:func:`fit` with its settings as a :class:`~pyro_flows_ext.train.FitConfig` and its
+    data as ``(data, context)`` pairs."""
     if not isinstance(flow, Flow):
         raise TypeError(f"flow must be a pyro_flows_ext Flow, got {type(flow).__name__}")
-    x_train = as_tensor_data(train, flow.event_shape, "train")
-    x_valid = None if valid is None else as_tensor_data(valid, flow.event_shape, "valid")
-    for x in (x_train, x_valid):
-        if x is not None:
-            config.preprocess.validate(x)
+    train_rows = examples(flow, *train, "train", "context")
+    if valid[0] is None and valid[1] is not None:
+        raise ValueError("valid_context was given without valid; pass both or neither")
+    valid_rows = None if valid[0] is None else examples(flow, *valid, "valid", "valid_context")
+    for rows in (train_rows, valid_rows):
+        if rows is not None:
+            config.preprocess.validate(rows.x)
     ctx = setup_distributed(config.distributed, config.torch_device)
     try:
         needed = config.batch_size * ctx.world_size
-        if ctx.enabled and x_train.shape[0] < needed:
+        if ctx.enabled and len(train_rows) < needed:
             raise ValueError(
                 f"a data-parallel step needs batch_size * world_size = {needed} training "
-                f"examples, got {x_train.shape[0]}"
+                f"examples, got {len(train_rows)}"
             )
-        trainer = Trainer(flow, x_train, x_valid, config, ctx)
+        trainer = Trainer(flow, train_rows, valid_rows, config, ctx)
         return trainer.run(trainer.start())
     finally:
         ctx.close()

@@ -11,48 +11,40 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from pyro_flows_ext.checks import positive_int
 from pyro_flows_ext.flows import Flow
+from pyro_flows_ext.train.data import as_tensor_data, examples
 from pyro_flows_ext.train.preprocess import DequantizeSpec, Preprocess, as_preprocess
 
 __all__ = ["as_tensor_data", "bits_per_dim", "log_likelihood", "nll"]
 
 
-def as_tensor_data(data: Any, event_shape: tuple[int, ...], name: str = "data") -> Tensor:
-    """``data`` (a tensor or array of shape ``(N, *event_shape)``) as a CPU tensor."""
-    if isinstance(data, np.ndarray):
-        data = torch.from_numpy(data)
-    if not isinstance(data, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(data).__name__}")
-    if data.dim() != len(event_shape) + 1 or tuple(data.shape[1:]) != tuple(event_shape):
-        raise ValueError(
-            f"{name} must have shape (N, {', '.join(map(str, event_shape))}) to match the "
-            f"flow, got {tuple(data.shape)}"
-        )
-    if data.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
-    return data.cpu()
-
-
 def log_likelihood(
-    flow: Flow, x: Tensor, preprocess: Preprocess, generator: torch.Generator | None = None
+    flow: Flow,
+    x: Tensor,
+    preprocess: Preprocess,
+    generator: torch.Generator | None = None,
+    context: Tensor | None = None,
 ) -> Tensor:
-    """``log p(x)`` of raw data ``x`` (already on the flow's device), shape ``(N,)``."""
+    """``log p(x)`` (``log p(x | context)``) of raw data ``x``, shape ``(N,)``; ``x`` and
+    ``context`` are already on the flow's device, the context in its dtype."""
     y, log_det = preprocess(x.to(flow.base_loc.dtype), len(flow.event_shape), generator)
-    return flow.log_prob(y) + log_det
+    return flow.log_prob(y, context=context) + log_det
 
 
-def nll(flow: Flow, data: Any, *, dequantize: DequantizeSpec = None, batch_size: int = 500,
-        seed: int = 0) -> float:  # fmt: skip
+def nll(flow: Flow, data: Any, *, context: Any = None, dequantize: DequantizeSpec = None,
+        batch_size: int = 500, seed: int = 0) -> float:  # fmt: skip
     """Mean negative log-likelihood of ``data`` in nats per example.
 
     Args:
         flow: the model; evaluated on its own device, without gradients.
         data: ``(N, *event_shape)`` tensor or array; integer data need ``dequantize``.
+        context: for a conditional flow (``flow.context_dim = K > 0``, and only then), the
+            ``(N, K)`` tensor or array of contexts, one row per example (cast to the flow's
+            dtype): the result is then ``-log p(x | c)``.
         dequantize: see :func:`~pyro_flows_ext.train.fit` (``None`` for continuous data, a
             number of levels, or a :class:`Preprocess`).
         batch_size: examples per forward pass.
@@ -70,21 +62,22 @@ def nll(flow: Flow, data: Any, *, dequantize: DequantizeSpec = None, batch_size:
     positive_int("batch_size", batch_size)
     positive_int("seed", seed, minimum=0)
     pre = as_preprocess(dequantize)
-    x_all = as_tensor_data(data, flow.event_shape)
-    pre.validate(x_all)
+    rows = examples(flow, data, context)
+    pre.validate(rows.x)
     device = flow.base_loc.device
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     with torch.no_grad():
-        for start in range(0, x_all.shape[0], batch_size):
-            x = x_all[start : start + batch_size].to(device)
-            total -= float(log_likelihood(flow, x, pre, generator).double().sum())
-    return total / x_all.shape[0]
+        for start in range(0, len(rows), batch_size):
+            x, c = rows.take(torch.arange(start, min(start + batch_size, len(rows))), device)
+            total -= float(log_likelihood(flow, x, pre, generator, c).double().sum())
+    return total / len(rows)
 
 
-def bits_per_dim(flow: Flow, data: Any, *, dequantize: DequantizeSpec = None, batch_size: int = 500,
-                 seed: int = 0) -> float:  # fmt: skip
-    """``nll / (D log 2)``: negative log-likelihood in bits per dimension (see :func:`nll`).
+def bits_per_dim(flow: Flow, data: Any, *, context: Any = None, dequantize: DequantizeSpec = None,
+                 batch_size: int = 500, seed: int = 0) -> float:  # fmt: skip
+    """``nll / (D log 2)``: negative log-likelihood in bits per dimension (see :func:`nll`;
+    with ``context``, of the conditional density ``p(x | c)``).
 
     Example:
         >>> import torch
@@ -97,6 +90,6 @@ def bits_per_dim(flow: Flow, data: Any, *, dequantize: DequantizeSpec = None, ba
         >>> round(bpd, 5)  # log2(16): the flow is uniform on [0, 1]^4
         4.0
     """
-    return nll(flow, data, dequantize=dequantize, batch_size=batch_size, seed=seed) / (
-        flow.num_dims * math.log(2)
-    )
+    value = nll(flow, data, context=context, dequantize=dequantize, batch_size=batch_size,
+                seed=seed)  # fmt: skip
+    return value / (flow.num_dims * math.log(2))
