@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from pyro_flows_ext.nn import HIDDEN_CHANNELS
+from pyro_flows_ext.transforms.kinds import COUPLINGS
 
 __all__ = ["build_parser", "main"]
 
@@ -104,6 +105,9 @@ def _add_data_options(fit: argparse.ArgumentParser) -> None:
 def _add_model_options(fit: argparse.ArgumentParser) -> None:
     fit.add_argument("--model", choices=("glow", "realnvp"), default="glow",
                      help="architecture (default: glow)")  # fmt: skip
+    fit.add_argument("--coupling", choices=COUPLINGS, default="spline",
+                     help="coupling layers: rational-quadratic splines or affine maps "
+                     "(default: spline)")  # fmt: skip
     fit.add_argument("--levels", type=int, default=None, metavar="L",
                      help="multi-scale levels for images (default: as many as the image size "
                      "allows, up to 3; an error for vector data)")  # fmt: skip

@@ -111,16 +111,17 @@ def make_flow(args: argparse.Namespace, shape: tuple[int, ...], context_dim: int
     builder = BUILDERS[args.model]
     if len(shape) == 1:
         dims = sizes(args.hidden_dims, "--hidden-dims")
-        return builder(shape[0], depth=args.depth, hidden_dims=dims, context_dim=context_dim)
+        return builder(shape[0], depth=args.depth, hidden_dims=dims, coupling=args.coupling,
+                       context_dim=context_dim)  # fmt: skip
     channels = HIDDEN_CHANNELS if args.hidden_channels is None else args.hidden_channels
     return builder(shape, args.levels, depth=args.depth, hidden_channels=channels,
-                   context_dim=context_dim)  # fmt: skip
+                   coupling=args.coupling, context_dim=context_dim)  # fmt: skip
 
 
 def describe(flow: Flow) -> str:
     config = flow.config or {}
     width = "hidden_channels" if len(flow.event_shape) == 3 else "hidden_dims"
-    keys = ("levels", "depth", width, "context_dim")
+    keys = ("levels", "depth", width, "coupling", "context_dim")
     args = ", ".join(f"{k}={config[k]}" for k in keys if config.get(k))
     return f"{config.get('builder', 'flow')}({tuple(flow.event_shape)}, {args})"
 

@@ -74,15 +74,16 @@ def test_fit_moons(model: str, tmp_path: Path) -> None:
 
 
 def test_demo_defaults_build_the_documented_model() -> None:
-    """``pyro-flows fit`` with no arguments (``make demo``): Glow, 2 levels, depth 8, 32
-    channels, uniform dequantization of the digits' 17 levels."""
+    """``pyro-flows fit`` with no arguments (``make demo``): Glow with spline couplings,
+    2 levels, depth 8, 32 channels, uniform dequantization of the digits' 17 levels."""
     from pyro_flows_ext import cli_commands
     from pyro_flows_ext.train import Dequantize
 
     args = build_parser().parse_args(["fit"])
     _, split = cli_commands.load_data(args)
     flow = cli_commands.make_flow(args, split.event_shape)
-    assert flow.config == glow((1, 8, 8), levels=2, depth=8, hidden_channels=32).config
+    expected = glow((1, 8, 8), levels=2, depth=8, hidden_channels=32, coupling="spline")
+    assert flow.config == expected.config
     assert cli_commands.make_preprocess(args, split).config() == Dequantize(17).config()
 
 

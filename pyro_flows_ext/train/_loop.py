@@ -71,8 +71,11 @@ class Trainer:
         # the loss as a module; a learned preprocessing (variational dequantization) trains too
         objective = Objective(flow, config.preprocess, config.bf16).to(ctx.device)
         self.data = train.staged(ctx.device)
+        # one fused kernel for all parameters where torch has one (CPU, CUDA): a Glow has
+        # hundreds of small tensors, and the per-tensor loop cost ~3% of a step
+        fused = ctx.device.type in ("cpu", "cuda")
         optimizer = torch.optim.Adam(
-            objective.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            objective.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused
         )
         schedule = Schedule(config.warmup, self.total, config.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
