@@ -16,12 +16,13 @@ from pyro_flows_ext.infer import (
     ParetoK,
     importance_draws,
     importance_resample,
+    khat_threshold,
     khat_verdict,
     plot_pairs,
     psis_khat,
     to_inference_data,
 )
-from pyro_flows_ext.infer.importance import _arviz
+from pyro_flows_ext.infer.pareto import _arviz
 from pyro_flows_ext.infer.plots import flatten_components
 
 matplotlib.use("Agg")
@@ -96,6 +97,68 @@ def test_khat_verdicts(k: float, verdict: str) -> None:
     assert khat_verdict(k) == verdict
 
 
+@pytest.mark.parametrize("num_samples", [100, 500, 2000, 4000, 100_000])
+def test_khat_threshold_follows_vehtari_2024(num_samples: int) -> None:
+    expected = min(1 - 1 / math.log10(num_samples), 0.7)
+    assert khat_threshold(num_samples) == pytest.approx(expected)
+    assert ParetoK(0.3, num_samples).threshold == pytest.approx(expected)
+
+
+def test_khat_threshold_values() -> None:
+    assert khat_threshold(100) == pytest.approx(0.5) and khat_threshold(4000) == 0.7
+    # 0.6 is fine from 4000 draws but not from 100
+    assert (
+        khat_verdict(0.6, 4000) == "usable with PSIS" and khat_verdict(0.6, 100) == "do not trust"
+    )
+
+
+@pytest.mark.parametrize(
+    ("k", "interval", "verdict"),
+    [
+        (0.65, (0.6, 0.75), "uncertain"),
+        (0.75, (0.65, 0.8), "uncertain"),
+        (0.9, (0.8, 1.0), "do not trust"),
+    ],
+)
+def test_a_spread_straddling_the_threshold_is_uncertain(
+    k: float, interval: tuple[float, float], verdict: str
+) -> None:
+    assert khat_verdict(k, 4000, interval) == verdict
+    assert ParetoK(k, 4000, interval).verdict == verdict
+
+
+def test_khat_of_an_exact_guide_is_small() -> None:
+    # a conjugate Gaussian model and a guide equal to its posterior N(y/2, 1/2): the log
+    # weights are the constant log evidence up to roundoff
+    y = torch.tensor(1.0)
+
+    def model() -> None:
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(x, 1.0), obs=y)
+
+    def posterior() -> None:
+        pyro.sample("x", dist.Normal(y / 2, 0.5**0.5))
+
+    k = psis_khat(model, posterior, num_samples=1000)
+    assert float(k) < 0.5 and k.verdict == "good" and k.flat
+    assert k.ess == pytest.approx(1000)
+    assert "nearly equal" in str(k)
+
+
+def test_khat_of_a_guide_with_too_light_tails_is_large() -> None:
+    # a Normal guide for a Student-t(3) posterior: weights grow like exp(x^2 / 2) / |x|^4
+    def model() -> None:
+        pyro.sample("x", dist.StudentT(3.0, 0.0, 1.0))
+
+    def guide() -> None:
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    k = psis_khat(model, guide, num_samples=4000)
+    assert float(k) > 0.6 and k.verdict in ("do not trust", "uncertain")
+    low, high = k.interval
+    assert low < high and high > 0.6 and k.ess < 4000 / 2
+
+
 # ------------------------------------------------------------------ importance draws ------
 def test_vectorised_and_looped_weights_agree_with_direct_evaluation() -> None:
     guide = hierarchical_guide()
@@ -160,6 +223,9 @@ def test_inference_data_groups_names_and_shapes() -> None:
     assert stats["log_weight"].shape == (1, 100)
     assert np.allclose(stats["log_weight"], stats["lp"] - stats["log_q"])
     assert stats.attrs["pareto_k"] >= 0 or math.isinf(stats.attrs["pareto_k"])
+    assert stats.attrs["pareto_k_threshold"] == pytest.approx(0.5)  # 100 draws
+    assert 0 < stats.attrs["importance_ess"] <= 100 and len(stats.attrs["pareto_k_interval"]) == 2
+    assert idata.attrs["importance_ess"] == stats.attrs["importance_ess"]
     assert idata.observed_data["y"].shape == (4,)
     assert idata.posterior_predictive["y"].shape == (1, 100, 4)
     summary = _arviz().summary(idata, var_names=["mu", "theta"], kind="stats")

@@ -1,18 +1,22 @@
 """Fit flow and Gaussian guides to posteriordb posteriors and compare them with the reference
 draws.
 
-One protocol for every guide, so that the comparison is about the guide: the same number of
-steps of Adam (``pyro.optim.ClippedAdam`` with clipping switched off) with the learning rate
-decaying exponentially from ``lr0`` to ``lr1``, ``Trace_ELBO`` with the same number of
-vectorised particles, the same seed. For every posterior and guide it reports
+One protocol for every guide, so that the comparison is about the guide:
+:func:`pyro_flows_ext.infer.fit_guide` (the same number of steps of Adam,
+``pyro.optim.ClippedAdam`` with clipping switched off, with the learning rate decaying
+exponentially from ``lr0`` to ``lr1``, ``Trace_ELBO`` with the same number of vectorised
+particles, optional early stopping), the same seed, the same dtype. For every posterior and
+guide it reports
 
 * ``mean_err``: the largest |mean error| / reference sd over all reference quantities;
 * ``log_sd``: the largest |log(sd ratio)|;
 * ``swd``: the sliced Wasserstein distance between the standardised draw sets;
 * ``khat``: the PSIS Pareto k-hat of ``log p(x, z) - log q(z)``, the median of 5 estimates
-  from independent sets of ``--draws`` guide draws (one estimate varies by about +-0.15);
+  from independent sets of ``--draws`` guide draws (one estimate varies by about +-0.15), and
+  ``verdict``: the reading of that median with the threshold for ``--draws`` draws;
 * ``cpu_s``: fit time (guide initialisation included) as CPU seconds of this process, which
   other jobs on a shared machine disturb far less than wall time (also recorded, ``seconds``);
+* ``steps``: steps taken (fewer than ``--steps`` when ``--patience`` stopped the fit);
 * ``elbo``: the mean ELBO over the last 100 steps.
 
 Usage (from the repository root)::
@@ -20,6 +24,8 @@ Usage (from the repository root)::
     python -m benchmarks.posteriors.run                       # all posteriors, default protocol
     python -m benchmarks.posteriors.run --schedule slow --posteriors kilpisjarvi_mod-kilpisjarvi
     python -m benchmarks.posteriors.run --guides coupling_flow,mvn --steps 500
+    python -m benchmarks.posteriors.run --schedule default --dtype float32 --particles 1
+    python -m benchmarks.posteriors.run --posteriors sblri-blr --patience 300 --tag stop
 
 Results go to ``benchmarks/posteriors/results/<tag>.json`` and ``.md`` (the tables and a summary;
 ``--render results/<tag>.json`` rewrites the markdown of an earlier run).
@@ -31,7 +37,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,11 +46,10 @@ import pyro
 import torch
 from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro.distributions.transforms import affine_coupling, permute
-from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormalizingFlow
 
 from benchmarks.posteriors import metrics, models
-from pyro_flows_ext.infer import AutoCouplingFlow, psis_khat
+from pyro_flows_ext.infer import AutoCouplingFlow, fit_guide, khat_verdict, psis_khat
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KHAT_REPEATS = 5
@@ -88,6 +92,7 @@ def fit(
     particles: int,
     seed: int,
     num_draws: int,
+    patience: int | None = None,
 ) -> dict[str, Any]:
     """Fit one guide to one posterior with the shared protocol and measure it."""
     pyro.clear_param_store()
@@ -95,20 +100,23 @@ def fit(
     model = posterior.model
     guide = GUIDES[guide_name](model)
     lr0, lr1 = SCHEDULES[schedule]
-    optim = pyro.optim.ClippedAdam(
-        {"lr": lr0, "lrd": (lr1 / lr0) ** (1.0 / steps), "clip_norm": math.inf}
+    history = fit_guide(
+        model,
+        guide,
+        steps=steps,
+        lr=lr0,
+        lr_end=lr1,
+        num_particles=particles,
+        patience=patience,
+        progress=False,
     )
-    elbo = Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=0)
-    svi = SVI(model, guide, optim, elbo)
-    losses: list[float] = []
-    start, start_cpu = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        losses.append(svi.step())
+    losses = history.loss
     row: dict[str, Any] = {
         "posterior": posterior.name,
         "guide": guide_name,
-        "seconds": time.perf_counter() - start,
-        "cpu_seconds": time.process_time() - start_cpu,
+        "seconds": history.seconds,
+        "cpu_seconds": history.cpu_seconds,
+        "steps": len(losses),
         "elbo": -float(np.mean(losses[-100:])),
         "finite": bool(np.isfinite(losses[-100:]).all()),
     }
@@ -122,6 +130,7 @@ def fit(
         khats = [float(psis_khat(model, guide, num_samples=num_draws)) for _ in range(KHAT_REPEATS)]
         row["khat"] = float(np.median(khats))
         row["khats"] = khats
+        row["verdict"] = khat_verdict(row["khat"], num_draws)
     return row
 
 
@@ -137,20 +146,33 @@ def _diverged(error: str) -> bool:
     return "nan" in error.lower() or "invalid values" in error
 
 
-COLUMNS = ("guide", "mean_err", "log_sd", "swd", "khat", "cpu_s", "elbo", "init")
+COLUMNS = (
+    "guide",
+    "mean_err",
+    "log_sd",
+    "swd",
+    "khat",
+    "verdict",
+    "cpu_s",
+    "steps",
+    "elbo",
+    "init",
+)
 
 
 def _cells(row: dict[str, Any]) -> list[Any]:
     if "error" in row:
         failed = "diverged" if _diverged(row["error"]) else "error"
-        return [row["guide"], failed, "", "", "", "", "", ""]
+        return [row["guide"], failed] + [""] * (len(COLUMNS) - 2)
     return [
         row["guide"],
         row["max_mean_error"],
         row["max_log_sd_ratio"],
         row["sliced_wasserstein"],
         row["khat"],
+        row.get("verdict", ""),
         row.get("cpu_seconds", row["seconds"]),
+        str(row.get("steps", "")),
         row["elbo"],
         row.get("init", ""),
     ]
@@ -276,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="default")
     parser.add_argument("--particles", type=int, default=16)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    parser.add_argument(
+        "--patience", type=int, default=None, help="early stopping (fit_guide's patience)"
+    )
     parser.add_argument(
         "--draws", type=int, default=4000, help="guide draws for the metrics and k-hat"
     )
@@ -296,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     torch.set_num_threads(args.threads)
-    torch.set_default_dtype(torch.float64)  # the models are float64; so are Pyro's guides then
+    dtype = getattr(torch, args.dtype)
+    torch.set_default_dtype(dtype)  # the models take the data's dtype; so do Pyro's guides then
     names = list(models.NAMES) if args.posteriors == "all" else args.posteriors.split(",")
     guides = args.guides.split(",")
     unknown = [g for g in guides if g not in GUIDES]
@@ -305,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     lr0, lr1 = SCHEDULES[args.schedule]
     header = (
         f"{args.steps} steps of Adam, lr {lr0:g} -> {lr1:g} (exponential), Trace_ELBO with "
-        f"{args.particles} vectorised particles, seed {args.seed}, {args.draws} draws (k-hat: "
-        f"median of {KHAT_REPEATS} sets); "
+        f"{args.particles} vectorised particles, {args.dtype}, early stopping "
+        f"{'off' if args.patience is None else f'after {args.patience} steps'}, seed "
+        f"{args.seed}, {args.draws} draws (k-hat: median of {KHAT_REPEATS} sets); "
         f"schedule '{args.schedule}'"
     )
     print(header, flush=True)
@@ -314,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = args.tag or args.schedule
     rows: list[dict[str, Any]] = []
     for name in names:
-        posterior = models.load(name)
+        posterior = models.load(name, dtype=dtype)
         posterior_rows = []
         for guide_name in guides:
             try:
@@ -326,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                     particles=args.particles,
                     seed=args.seed,
                     num_draws=args.draws,
+                    patience=args.patience,
                 )
             except Exception as err:  # keep going: a failing guide is a result too
                 message = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"

@@ -5,6 +5,7 @@
 * :class:`AutoConditionalCouplingFlow`: its amortised twin, conditioned on a context computed
   from the observed data;
 * :class:`StickingTheLanding`: the path-derivative gradient for any reparameterised guide;
+* :func:`fit_guide`: fit any guide by SVI with the recommended protocol, in one call;
 * :func:`laplace_approximation`: mode and inverse-Hessian factor of a log density;
 * :func:`to_inference_data`, :func:`psis_khat`, :func:`importance_resample`: ArviZ
   diagnostics of any guide (:mod:`pyro_flows_ext.infer.diagnostics`);
@@ -19,11 +20,13 @@ The guides compose layers of :mod:`pyro_flows_ext.transforms` (couplings,
 
 from pyro_flows_ext.infer.amortized import AutoConditionalCouplingFlow
 from pyro_flows_ext.infer.diagnostics import importance_resample, psis_khat, to_inference_data
+from pyro_flows_ext.infer.fitting import FitHistory, NonFiniteLossError, fit_guide
 from pyro_flows_ext.infer.guide import AutoCouplingFlow
 from pyro_flows_ext.infer.importance import (
     ImportanceDraws,
     ParetoK,
     importance_draws,
+    khat_threshold,
     khat_verdict,
 )
 from pyro_flows_ext.infer.laplace import LaplaceResult, laplace_approximation
@@ -33,12 +36,16 @@ from pyro_flows_ext.infer.stl import StickingTheLanding
 __all__ = [
     "AutoConditionalCouplingFlow",
     "AutoCouplingFlow",
+    "FitHistory",
     "ImportanceDraws",
     "LaplaceResult",
+    "NonFiniteLossError",
     "ParetoK",
     "StickingTheLanding",
+    "fit_guide",
     "importance_draws",
     "importance_resample",
+    "khat_threshold",
     "khat_verdict",
     "laplace_approximation",
     "plot_pairs",

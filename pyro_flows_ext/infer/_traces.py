@@ -1,5 +1,6 @@
 """Small helpers on Pyro traces shared by the guide and the diagnostics: plate nesting,
-per-draw log densities, and "vectorise under a particle plate, else loop"."""
+per-draw log densities, "vectorise under a particle plate, else loop", and evaluating a
+float32 model in float64."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "VECTORISE_ERRORS",
+    "PromoteToFloat64",
     "check_vectorised",
     "max_plate_nesting",
     "particle_dim",
@@ -98,3 +102,78 @@ def vectorised_or_looped(
                 raise
             logger.info("%s: not vectorised (%s); looping over draws", label, err)
     return looped(), False
+
+
+# ------------------------------------------------------------------ float64 evaluation ----
+_LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
+_DOWNCASTS = ("float", "half", "bfloat16")
+
+
+def _is_mutation(func: Callable) -> bool:
+    """Attribute access and in-place ops (``add_``, ``__setitem__``, ``__iadd__``) must act
+    on the tensor itself, never on a promoted copy."""
+    name = getattr(func, "__name__", "")
+    if name in ("__get__", "__set__", "__setitem__", "__delete__"):
+        return True
+    if name.startswith("__i") and name.endswith("__"):
+        return True
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _map(fn: Callable[[Any], Any], obj: Any) -> Any:
+    if isinstance(obj, tuple | list):
+        return type(obj)(_map(fn, x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _map(fn, v) for k, v in obj.items()}
+    return fn(obj)
+
+
+def _has_float64(obj: Any) -> bool:
+    found = False
+
+    def look(x: Any) -> Any:
+        nonlocal found
+        found = found or (isinstance(x, Tensor) and x.dtype == torch.float64)
+        return x
+
+    _map(look, obj)
+    return found
+
+
+def _promote(x: Any) -> Any:
+    if isinstance(x, Tensor) and x.dtype in _LOW_PRECISION:
+        return x.to(torch.float64)
+    if isinstance(x, torch.dtype) and x in _LOW_PRECISION:
+        return torch.float64
+    return x
+
+
+class PromoteToFloat64(TorchFunctionMode):
+    """Run a model on float64 values although its constants (data, parameters) are float32.
+
+    Inside this mode every torch operation that receives a float64 tensor first casts its
+    other low-precision floating tensors and dtype arguments to float64, and casts a
+    low-precision floating result back up (``x.float()``, ``x.to(data.dtype)`` and
+    ``x.type_as(data)`` keep a float64 ``x``); operations on constants alone, attribute
+    access and in-place operations run unchanged. Conditioning a float32 model on float64
+    latents under this mode evaluates its log density in float64 (see
+    :class:`~pyro_flows_ext.infer.start.LogJoint`).
+
+    Example:
+        >>> data = torch.tensor([1.0, 2.0])  # float32
+        >>> with PromoteToFloat64():
+        ...     out = torch.ones(2, dtype=torch.float64) @ data
+        >>> out.dtype
+        torch.float64
+    """
+
+    def __torch_function__(
+        self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if _is_mutation(func) or not _has_float64((args, kwargs)):
+            return func(*args, **kwargs)
+        if getattr(func, "__name__", "") in _DOWNCASTS:
+            return args[0]  # x.float() of a float64 x: keep the precision
+        args, kwargs = _map(_promote, (args, kwargs))
+        return _map(_promote, func(*args, **kwargs))

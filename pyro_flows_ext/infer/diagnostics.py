@@ -18,11 +18,11 @@ from pyro_flows_ext.checks import check_bool, positive_int
 from pyro_flows_ext.infer.importance import (
     ImportanceDraws,
     ParetoK,
-    _arviz,
     _as_draws,
     _value,
     importance_draws,
 )
+from pyro_flows_ext.infer.pareto import _arviz
 
 __all__ = ["importance_resample", "psis_khat", "to_inference_data"]
 
@@ -51,8 +51,11 @@ def _posterior_predictive(
 def psis_khat(
     model: Callable, guide: Callable, *args: Any, num_samples: int = 1000, **kwargs: Any
 ) -> ParetoK:
-    """Pareto :math:`\\hat k` of the importance weights :math:`p(x, z) / q(z)`, by ArviZ's
-    ``psislw``; ``str()`` of the result reads it in words (Yao et al. 2018).
+    """Pareto :math:`\\hat k` of the importance weights :math:`p(x, z) / q(z)` from
+    ``num_samples`` guide draws, by ArviZ's ``psislw``, with its sample-size dependent
+    threshold (Vehtari et al. 2024), its Monte Carlo spread (bootstrap over the draws) and
+    the PSIS effective sample size (:class:`~pyro_flows_ext.infer.ParetoK`); ``str()`` of the
+    result reads it in words.
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -114,9 +117,19 @@ def to_inference_data(
       and every ``pyro.deterministic`` site; axes indexed by a plate are named after it;
     * ``sample_stats``: ``log_weight`` (:math:`\\log p(x,z) - \\log q(z)`), ``lp``
       (:math:`\\log p(x, z)`), ``log_q`` and ``psis_log_weight`` (smoothed, normalised); its
-      attributes hold ``pareto_k`` and its verdict;
+      attributes (and the dataset's) hold the :class:`~pyro_flows_ext.infer.ParetoK`:
+      ``pareto_k``, ``pareto_k_interval`` (bootstrap quartiles), ``pareto_k_threshold``,
+      ``pareto_k_verdict`` and ``importance_ess``;
     * ``observed_data`` and ``posterior_predictive`` (one replicate per draw) when the model
       has observed sites (skip the replicates with ``posterior_predictive=False``).
+
+    Reading ``az.summary(idata)``: the draws are independent draws of the guide, so its
+    ``ess_bulk``/``ess_tail`` (close to ``num_samples``) and ``mcse_*`` columns are about
+    expectations under the guide. How many posterior draws they are worth is the PSIS
+    effective sample size ``idata.sample_stats.attrs["importance_ess"]`` (one number for all
+    quantities; meaningful while ``pareto_k`` is below ``pareto_k_threshold``); expectations
+    corrected towards the posterior weight the draws by ``exp(psis_log_weight)``, or use
+    :func:`importance_resample`.
 
     Example:
         >>> import torch, pyro, pyro.distributions as dist
@@ -138,17 +151,23 @@ def to_inference_data(
     if d.observed and posterior_predictive:
         pp = _posterior_predictive(model, d, args, kwargs)
         groups["posterior_predictive"] = {k: _chain(v) for k, v in pp.items()}
+    psis = {
+        "pareto_k": khat.khat,
+        "pareto_k_interval": list(khat.interval),
+        "pareto_k_threshold": khat.threshold,
+        "pareto_k_verdict": khat.verdict,
+        "importance_ess": khat.ess,
+    }
     attrs = {
         "inference_library": "pyro",
         "inference_library_version": pyro.__version__,
         "guide": type(guide).__name__,
-        "pareto_k": khat.khat,
-        "pareto_k_verdict": khat.verdict,
+        **psis,
     }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module="arviz")
         idata = az.from_dict(**groups, dims=d.dims, attrs=attrs)
-    idata.sample_stats.attrs.update(pareto_k=khat.khat, pareto_k_verdict=khat.verdict)
+    idata.sample_stats.attrs.update(psis)
     return idata
 
 

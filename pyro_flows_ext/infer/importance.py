@@ -12,16 +12,18 @@ unvectorised evaluation), else taken one at a time.
 
 Pareto smoothed importance sampling (PSIS, Vehtari et al. 2024) fits a generalised Pareto
 distribution to the largest weights; its shape :math:`\\hat k` says how far the guide is from
-the posterior (Yao et al. 2018): below 0.5 the guide is good, between 0.5 and 0.7 it is usable
-with PSIS-corrected estimates, above 0.7 do not trust it. A small :math:`\\hat k` can still
-hide a guide that misses a region the posterior puts mass on (the weights only see where q
+the posterior (Yao et al. 2018): below 0.5 the guide is good, between 0.5 and the threshold
+:math:`\\min(1 - 1/\\log_{10} S, 0.7)` for ``S`` draws (Vehtari et al. 2024) it is usable with
+PSIS-corrected estimates, above it do not trust it. :math:`\\hat k` is itself a Monte Carlo
+estimate: :class:`~pyro_flows_ext.infer.pareto.ParetoK` carries its bootstrap spread, and
+reads ``"uncertain"`` when that spread straddles the threshold. A small :math:`\\hat k` can
+still hide a guide that misses a region the posterior puts mass on (the weights only see where q
 samples): compare with reference draws when you have them.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,19 +42,27 @@ from pyro_flows_ext.infer._traces import (
     per_particle_log_prob,
     vectorised_or_looped,
 )
+from pyro_flows_ext.infer.pareto import (
+    FLAT_LOG_WEIGHTS,
+    KHAT_BOOTSTRAP,
+    ParetoK,
+    khat_threshold,
+    khat_verdict,
+    pareto_smooth,
+)
 
-__all__ = ["ImportanceDraws", "ParetoK", "importance_draws", "khat_verdict"]
+__all__ = [
+    "FLAT_LOG_WEIGHTS",
+    "KHAT_BOOTSTRAP",
+    "ImportanceDraws",
+    "ParetoK",
+    "importance_draws",
+    "khat_threshold",
+    "khat_verdict",
+    "pareto_smooth",
+]
 
 _PARTICLES = "_diagnostic_particles"
-
-
-def _arviz() -> Any:
-    """Import ArviZ, silencing the FutureWarning that 0.2x prints about its 1.0 refactor."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, module="arviz")
-        import arviz
-
-    return arviz
 
 
 def check_model_and_guide(model: Any, guide: Any) -> None:
@@ -60,48 +70,6 @@ def check_model_and_guide(model: Any, guide: Any) -> None:
     for name, fn in (("model", model), ("guide", guide)):
         if not callable(fn):
             raise TypeError(f"{name} must be a callable Pyro program, got {type(fn).__name__}")
-
-
-def khat_verdict(khat: float) -> str:
-    """Yao et al. (2018)'s reading of a Pareto :math:`\\hat k`.
-
-    Example:
-        >>> khat_verdict(0.3), khat_verdict(0.6), khat_verdict(0.9)
-        ('good', 'usable with PSIS', 'do not trust')
-    """
-    if isinstance(khat, bool) or not isinstance(khat, int | float):
-        raise TypeError(f"khat must be a real number, got {khat!r}")
-    if not khat < 0.7:  # also catches NaN
-        return "do not trust"
-    return "good" if khat < 0.5 else "usable with PSIS"
-
-
-@dataclass(frozen=True)
-class ParetoK:
-    """A Pareto :math:`\\hat k` with its reading; ``float(k)`` gives the number (``-inf`` when
-    all weights are equal, as for an exact guide; ``inf`` when none is finite)."""
-
-    khat: float
-    num_samples: int
-
-    @property
-    def verdict(self) -> str:
-        """``"good"`` (< 0.5), ``"usable with PSIS"`` (0.5-0.7) or ``"do not trust"``."""
-        return khat_verdict(self.khat)
-
-    def __float__(self) -> float:
-        return self.khat
-
-    def __str__(self) -> str:
-        detail = {
-            "good": "the guide is close to the posterior",
-            "usable with PSIS": "use PSIS-reweighted estimates (importance_resample)",
-            "do not trust": "the guide is far from the posterior; do not use its draws",
-        }[self.verdict]
-        return (
-            f"Pareto k-hat = {self.khat:.3f} from {self.num_samples} draws: {self.verdict} "
-            f"({detail})"
-        )
 
 
 @dataclass
@@ -133,16 +101,9 @@ class ImportanceDraws:
         return (self.log_p - self.log_q).nan_to_num(nan=-math.inf)
 
     def psis(self) -> tuple[np.ndarray, ParetoK]:
-        """PSIS-smoothed normalised log weights (numpy) and :math:`\\hat k` (ArviZ ``psislw``)."""
-        lw = self.log_weights.detach().cpu().double().numpy()
-        uniform = np.full_like(lw, -np.log(len(lw)))
-        if not np.isfinite(lw).any():
-            return uniform, ParetoK(math.inf, len(lw))
-        if np.ptp(lw) <= 1e-12 * max(1.0, float(np.abs(lw).max())):
-            # equal weights (an exact guide): bounded, i.e. k < 0; the Pareto fit is undefined
-            return uniform, ParetoK(-math.inf, len(lw))
-        smoothed, khat = _arviz().psislw(lw)
-        return np.asarray(smoothed), ParetoK(float(khat), len(lw))
+        """PSIS-smoothed normalised log weights (numpy) and :class:`ParetoK`
+        (:func:`pareto_smooth`)."""
+        return pareto_smooth(self.log_weights)
 
 
 # ------------------------------------------------------------------------------ traces ----

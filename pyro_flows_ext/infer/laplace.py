@@ -120,7 +120,9 @@ class ModeSearch:
         max_iter: L-BFGS iterations at most.
         newton_steps: damped Newton steps at most after L-BFGS (each takes a Hessian, i.e.
             ``D`` backward passes).
-        tol: tolerance on the Newton decrement, relative to ``max(1, |log density|)``.
+        tol: tolerance on the Newton decrement, relative to ``max(1, |log density|)``;
+            floored at ten times the machine epsilon of the point's dtype (``1.2e-6`` in
+            float32), below which the decrement is roundoff.
         eig_floor: smallest eigenvalue of a repaired :math:`H`, relative to the largest.
 
     Example:
@@ -204,6 +206,8 @@ def _newton(
     the end): ``(point, precision there or None, converged, evaluations)``."""
     count = 0
     precision: Tensor | None = None
+    # a decrement below a few units of roundoff of the log density cannot be resolved
+    tol = max(search.tol, 10 * torch.finfo(best.dtype).eps)
     for _ in range(search.newton_steps + 1):
         value, grad = _value_and_grad(log_density, best)
         precision = -_hessian(log_density, best)
@@ -213,7 +217,7 @@ def _newton(
         repaired, was_repaired = _repair(precision, search.eig_floor)
         step = torch.linalg.solve(repaired, grad)
         decrement = float(grad @ step) / 2
-        if not was_repaired and decrement < search.tol * max(1.0, abs(float(value))):
+        if not was_repaired and decrement < tol * max(1.0, abs(float(value))):
             return best, precision, True, count
         for t in (0.5**i for i in range(30)):
             candidate = best + t * step
@@ -256,7 +260,8 @@ def laplace_approximation(log_density: LogDensity, init: Tensor, **options: Any)
     Args:
         log_density: maps a vector ``(D,)`` to a scalar tensor, differentiable twice.
         init: starting point ``(D,)``; its dtype and device are used throughout (use float64
-            for badly conditioned problems).
+            for badly conditioned problems: a float32 search stops at float32's resolution;
+            :func:`~pyro_flows_ext.infer.start.gaussian_start` searches in float64).
         options: options of the mode search: ``max_iter``, ``newton_steps``, ``tol``,
             ``eig_floor`` (see :class:`ModeSearch`).
 

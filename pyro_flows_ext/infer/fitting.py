@@ -1,0 +1,235 @@
+"""``fit_guide``: fit any Pyro guide by SVI with the recommended protocol, in one call.
+
+The protocol (Agrawal, Sheldon & Domke 2020; Agrawal & Domke 2024; the one behind
+``benchmarks/posteriors``): Adam (:class:`pyro.optim.ClippedAdam`, clipping off) with a step
+size decaying exponentially from ``lr`` to ``lr_end`` over ``steps``,
+
+.. math:: \\eta_t = \\eta_0 \\, (\\eta_{\\mathrm{end}} / \\eta_0)^{t / T},
+
+and :class:`~pyro.infer.Trace_ELBO` with ``num_particles`` particles vectorised over a particle
+plate. The gradient of ``log q`` is the guide's own business (``AutoCouplingFlow(stl=True)``
+uses sticking the landing). The ELBO estimates are smoothed by an exponential moving average
+(bias-corrected, weight ``smoothing``), which the progress bar shows and which optional early
+stopping watches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro
+from pyro.infer import SVI, Trace_ELBO
+
+from pyro_flows_ext.checks import check_bool, positive_float, positive_int
+
+__all__ = ["FitHistory", "NonFiniteLossError", "fit_guide"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The ELBO loss of step :attr:`step` (0-based: ``history.loss`` holds the finite losses
+    of the steps before it) was not finite, or the step met non-finite parameters.
+
+    Attributes:
+        step: the failing step.
+        loss: its loss (``nan`` or ``inf``).
+        history: the :class:`FitHistory` up to that step.
+    """
+
+    def __init__(self, step: int, loss: float, history: FitHistory, detail: str = "") -> None:
+        self.step = step
+        self.loss = loss
+        self.history = history
+        super().__init__(
+            f"the ELBO loss is not finite at step {step} (loss {loss}){detail}; lower lr, "
+            f"use more particles, or check the model and the guide's start"
+        )
+
+
+@dataclass
+class FitHistory:
+    """What :func:`fit_guide` did.
+
+    Attributes:
+        loss: the loss (negative ELBO estimate) of every step taken.
+        smoothed_elbo: the smoothed ELBO after every step (bias-corrected moving average).
+        stopped_early: whether ``patience`` stopped the fit before ``steps``.
+        seconds: wall-clock seconds of the fit.
+        cpu_seconds: CPU seconds of this process during the fit.
+    """
+
+    loss: list[float] = field(default_factory=list)
+    smoothed_elbo: list[float] = field(default_factory=list)
+    stopped_early: bool = False
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+    @property
+    def elbo(self) -> float:
+        """The last smoothed ELBO (``nan`` before any step)."""
+        return self.smoothed_elbo[-1] if self.smoothed_elbo else math.nan
+
+
+class _Smoother:
+    """Bias-corrected exponential moving average of the ELBO, and how long it has not
+    improved on its best by more than ``min_delta``."""
+
+    def __init__(self, weight: float, min_delta: float) -> None:
+        self.weight, self.min_delta = weight, min_delta
+        self.average, self.count = 0.0, 0
+        self.best, self.since_best = -math.inf, 0
+
+    def update(self, elbo: float) -> float:
+        self.count += 1
+        self.average = self.weight * self.average + (1 - self.weight) * elbo
+        value = self.average / (1 - self.weight**self.count)
+        if value > self.best + self.min_delta:
+            self.best, self.since_best = value, 0
+        else:
+            self.since_best += 1
+        return value
+
+
+def _check(
+    steps: int,
+    lr: float,
+    lr_end: float,
+    num_particles: int,
+    patience: int | None,
+    min_delta: float,
+    smoothing: float,
+    flags: dict[str, Any],
+) -> None:
+    positive_int("steps", steps)
+    positive_float("lr", lr)
+    positive_float("lr_end", lr_end)
+    positive_int("num_particles", num_particles)
+    if patience is not None:
+        positive_int("patience", patience)
+    positive_float("min_delta", min_delta, allow_zero=True)
+    positive_float("smoothing", smoothing, allow_zero=True)
+    if smoothing >= 1:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
+    for name, value in flags.items():
+        check_bool(name, value)
+
+
+def fit_guide(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    *args: Any,
+    steps: int = 3000,
+    lr: float = 5e-2,
+    lr_end: float = 1e-4,
+    num_particles: int = 16,
+    vectorize_particles: bool = True,
+    patience: int | None = None,
+    min_delta: float = 1e-2,
+    smoothing: float = 0.95,
+    max_plate_nesting: int | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> FitHistory:
+    """Fit ``guide`` to ``model`` by SVI with the recommended protocol (module docstring).
+
+    Args:
+        model, guide: a Pyro model and a guide for it (any: ``AutoNormal``,
+            :class:`~pyro_flows_ext.infer.AutoCouplingFlow`, ...), both called with
+            ``*args, **kwargs`` (so the model cannot take keywords named like the options
+            below). Its parameters live in Pyro's param store, as with ``SVI``.
+        steps: optimisation steps at most.
+        lr, lr_end: the step size decays exponentially from ``lr`` to ``lr_end``.
+        num_particles: ELBO particles per step.
+        vectorize_particles: draw the particles under one particle plate (the model and
+            guide must vectorise); ``False`` loops.
+        patience: stop when the smoothed ELBO has not improved on its best by more than
+            ``min_delta`` nats for this many steps; ``None`` (default) runs all ``steps``.
+        smoothing: weight of the moving average of the ELBO, in ``[0, 1)``.
+        max_plate_nesting: the model's plate nesting for the particle plate (``None``: Pyro
+            guesses it by tracing the model, and logs that it did).
+        progress: show a tqdm bar with the smoothed ELBO.
+
+    Returns:
+        :class:`FitHistory`.
+
+    Raises:
+        NonFiniteLossError: (a ``FloatingPointError``) naming the step whose loss, or whose
+            updated parameters, were not finite.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(1.0, 2.0))
+        >>> guide = AutoNormal(model)
+        >>> history = fit_guide(model, guide, steps=200, num_particles=4, progress=False)
+        >>> len(history.loss), round(guide.median()["x"].item())
+        (200, 1)
+    """
+    for name, fn in (("model", model), ("guide", guide)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be a callable Pyro program, got {type(fn).__name__}")
+    flags = {"vectorize_particles": vectorize_particles, "progress": progress}
+    _check(steps, lr, lr_end, num_particles, patience, min_delta, smoothing, flags)
+    if max_plate_nesting is not None:
+        positive_int("max_plate_nesting", max_plate_nesting, minimum=0)
+    optim = pyro.optim.ClippedAdam(
+        {"lr": lr, "lrd": (lr_end / lr) ** (1.0 / steps), "clip_norm": math.inf}
+    )
+    nesting = math.inf if max_plate_nesting is None else max_plate_nesting
+    vectorize = vectorize_particles and num_particles > 1
+    elbo = Trace_ELBO(
+        num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=nesting
+    )
+    svi = SVI(model, guide, optim, elbo)
+    return _run(svi, steps, _Smoother(smoothing, min_delta), patience, progress, args, kwargs)
+
+
+def _run(
+    svi: SVI,
+    steps: int,
+    smoother: _Smoother,
+    patience: int | None,
+    progress: bool,
+    args: tuple,
+    kwargs: dict,
+) -> FitHistory:
+    from tqdm.auto import tqdm
+
+    history = FitHistory()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    every = max(1, steps // 200)
+    with tqdm(total=steps, disable=not progress, unit="step", desc="fit_guide") as bar:
+        for step in range(steps):
+            loss = _step(svi, step, history, args, kwargs)
+            history.loss.append(loss)
+            history.smoothed_elbo.append(smoother.update(-loss))
+            if (step + 1) % every == 0 or step + 1 == steps:
+                bar.update(step + 1 - bar.n)
+                bar.set_postfix(elbo=f"{history.elbo:.4g}", refresh=False)
+            if patience is not None and smoother.since_best >= patience:
+                history.stopped_early = True
+                break
+        bar.update(len(history.loss) - bar.n)
+    history.seconds = time.perf_counter() - start
+    history.cpu_seconds = time.process_time() - start_cpu
+    return history
+
+
+def _step(svi: SVI, step: int, history: FitHistory, args: tuple, kwargs: dict) -> float:
+    """One SVI step; :class:`NonFiniteLossError` when its loss is not finite, or when the
+    step fails because the previous update left non-finite parameters (Pyro's argument
+    validation reports "invalid values")."""
+    try:
+        loss = float(svi.step(*args, **kwargs))
+    except ValueError as err:
+        if "invalid values" not in str(err) or step == 0:
+            raise
+        detail = f": the parameters left by step {step - 1} are not finite ({err})"
+        raise NonFiniteLossError(step, math.nan, history, detail) from err
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(step, loss, history)
+    return loss
