@@ -4,6 +4,9 @@
   a Laplace approximation (or a diagonal Gaussian at ``init_loc_fn``'s point);
 * :class:`AutoConditionalCouplingFlow`: its amortised twin, conditioned on a context computed
   from the observed data;
+* :class:`AutoHierarchicalFlow`: a flow over the global latents and, per plate element, a
+  conditional flow (:class:`LocalFlow`) over its local latents; scales to large and
+  subsampled plates;
 * :class:`StickingTheLanding`: the path-derivative gradient for any reparameterised guide;
 * :func:`fit_guide`: fit any guide by SVI with the recommended protocol, in one call;
 * :func:`laplace_approximation`: mode and inverse-Hessian factor of a log density;
@@ -22,6 +25,8 @@ from pyro_flows_ext.infer.amortized import AutoConditionalCouplingFlow
 from pyro_flows_ext.infer.diagnostics import importance_resample, psis_khat, to_inference_data
 from pyro_flows_ext.infer.fitting import FitHistory, NonFiniteLossError, fit_guide
 from pyro_flows_ext.infer.guide import AutoCouplingFlow
+from pyro_flows_ext.infer.hierarchical import AutoHierarchicalFlow
+from pyro_flows_ext.infer.hierarchical_flows import LocalFlow
 from pyro_flows_ext.infer.importance import (
     ImportanceDraws,
     ParetoK,
@@ -36,9 +41,11 @@ from pyro_flows_ext.infer.stl import StickingTheLanding
 __all__ = [
     "AutoConditionalCouplingFlow",
     "AutoCouplingFlow",
+    "AutoHierarchicalFlow",
     "FitHistory",
     "ImportanceDraws",
     "LaplaceResult",
+    "LocalFlow",
     "NonFiniteLossError",
     "ParetoK",
     "StickingTheLanding",

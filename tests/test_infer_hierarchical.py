@@ -1,0 +1,221 @@
+"""AutoHierarchicalFlow: plate structures, subsampling, exactness on a conjugate model, and the
+diagnostics."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO
+
+from pyro_flows_ext.infer import (
+    AutoHierarchicalFlow,
+    importance_resample,
+    psis_khat,
+    to_inference_data,
+)
+
+Y = torch.tensor([2.0, 0.0, -2.0, 1.0]) + 3.0
+
+
+def hier(y: torch.Tensor, batch: int | None = None) -> None:
+    mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
+    with pyro.plate("g", len(y), subsample_size=batch) as i:
+        theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+        pyro.sample("y", dist.Normal(theta, 1.0), obs=y[i])
+
+
+def funnel(y: torch.Tensor, batch: int | None = None) -> None:
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(5.0))
+    with pyro.plate("g", len(y), subsample_size=batch) as i:
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, 2.0), obs=y[i])
+
+
+def nested() -> None:
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("a", 3, dim=-1):
+        alpha = pyro.sample("alpha", dist.Normal(mu, 1.0))
+        with pyro.plate("b", 2, dim=-2):
+            beta = pyro.sample("beta", dist.Normal(alpha, 1.0))
+            pyro.sample("obs", dist.Normal(beta, 1.0), obs=torch.ones(2, 3))
+
+
+def two_sites() -> None:
+    with pyro.plate("g", 5):
+        scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+        loc = pyro.sample("loc", dist.Normal(0.0, scale))
+        pyro.sample("obs", dist.Normal(loc, 1.0), obs=torch.zeros(5))
+
+
+def no_plate() -> None:
+    x = pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    pyro.sample("s", dist.LogNormal(x.sum(), 1.0))
+
+
+def train(model, guide, *args, steps=100, particles=4, lr=2e-2, final_lr=None):
+    pyro.clear_param_store()
+    decay = (final_lr / lr) ** (1 / steps) if final_lr else 1.0
+    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": decay, "clip_norm": math.inf})
+    elbo = Trace_ELBO(num_particles=particles, vectorize_particles=True)
+    svi = SVI(model, guide, optim, elbo)
+    return [svi.step(*args) for _ in range(steps)]
+
+
+def test_subsampled_step_touches_only_the_subsample() -> None:
+    y = torch.randn(20)
+    guide = AutoHierarchicalFlow(funnel)
+    train(funnel, guide, y, 5, steps=3)  # the networks' zero last layers move off zero
+    guide.zero_grad()
+    pyro.set_rng_seed(1)
+    index = pyro.poutine.trace(guide).get_trace(y, 5).nodes["g"]["value"].tolist()
+    pyro.set_rng_seed(1)  # the same subsample again
+    Trace_ELBO().differentiable_loss(funnel, guide, y, 5).backward()
+    flow = guide.local_flows[0]
+    for grad in (guide.embeddings["g"].grad, flow.loc.grad, flow.log_scale.grad):
+        touched = (grad.abs().reshape(20, -1).sum(-1) > 0).nonzero().flatten().tolist()
+        assert set(touched) <= set(index) and touched
+    assert guide.embeddings["g"].shape == (20, guide.embedding_dim)
+
+
+def test_subsampled_training_runs_and_median_covers_the_full_plate() -> None:
+    y = torch.randn(30)
+    guide = AutoHierarchicalFlow(funnel)
+    losses = train(funnel, guide, y, 6, steps=20)
+    assert all(math.isfinite(v) for v in losses)
+    assert guide(y, 6)["theta"].shape == (6,)
+    assert guide.median(y, 6)["theta"].shape == (30,)
+
+
+def test_nested_plates() -> None:
+    guide = AutoHierarchicalFlow(nested)
+    train(nested, guide, steps=5)
+    structure = guide.structure
+    assert [g.name for g in structure.groups] == ["a", "b__a"]
+    assert structure.groups[1].parents == [0]
+    median = guide.median()
+    assert median["alpha"].shape == (3,) and median["beta"].shape == (2, 3)
+    assert guide.quantiles([0.5])["beta"].shape == (1, 2, 3)
+
+
+def test_several_local_sites_in_one_plate() -> None:
+    guide = AutoHierarchicalFlow(two_sites, local_depth=2)
+    train(two_sites, guide, steps=5)
+    (group,) = guide.structure.groups
+    assert group.dim == 2 and len(guide.local_flows[0].couplings) == 4
+    assert (guide.median()["scale"] > 0).all()
+
+
+def test_no_plate_is_a_flow_over_the_globals() -> None:
+    guide = AutoHierarchicalFlow(no_plate, depth=2)
+    train(no_plate, guide, steps=5)
+    assert not guide.structure.groups and guide.structure.global_dim == 3
+    assert guide()["x"].shape == (2,) and guide.median()["s"].shape == ()
+
+
+def discrete() -> None:
+    pyro.sample("k", dist.Bernoulli(0.5))
+
+
+def sequential() -> None:
+    for i in pyro.plate("seq", 2):
+        pyro.sample(f"x{i}", dist.Normal(0.0, 1.0))
+
+
+def undeclared_batch() -> None:
+    with pyro.plate("g", 3):
+        pyro.sample("x", dist.Normal(torch.zeros(4, 3), 1.0))
+
+
+@pytest.mark.parametrize(
+    "model, site",
+    [(discrete, "'k'"), (sequential, "'x0'"), (undeclared_batch, "'x'")],
+    ids=["discrete", "sequential", "undeclared_batch"],
+)
+def test_unsupported_structure_is_a_clear_error(model, site) -> None:
+    with pytest.raises(ValueError, match=site):
+        AutoHierarchicalFlow(model).initialize()
+
+
+def test_plate_size_change_is_an_error() -> None:
+    guide = AutoHierarchicalFlow(hier, create_plates=lambda y, b=None: pyro.plate("g", len(y)))
+    guide(Y)
+    with pytest.raises(ValueError, match="plate 'g'.*'theta'"):
+        guide(torch.zeros(7))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"depth": -1}, ValueError),
+        ({"embedding_dim": 0}, ValueError),
+        ({"coupling": "iaf"}, ValueError),
+        ({"stl": 1}, TypeError),
+        ({"encoders": {"g": 3}}, TypeError),
+    ],
+    ids=["depth", "embedding_dim", "coupling", "stl", "encoders"],
+)
+def test_bad_arguments(kwargs, error) -> None:
+    with pytest.raises(error):
+        AutoHierarchicalFlow(hier, **kwargs)
+
+
+@pytest.fixture
+def float64():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(default)
+
+
+def test_predictive_median_quantiles_and_float64(float64) -> None:
+    y = Y.double()
+    guide = AutoHierarchicalFlow(hier)
+    train(hier, guide, y, steps=5)
+    assert guide.local_flows[0].loc.dtype == torch.float64
+    draws = Predictive(hier, guide=guide, num_samples=7)(y)
+    assert draws["theta"].shape == (7, 4) and draws["theta"].dtype == torch.float64
+    q = guide.quantiles([0.1, 0.9], y)
+    assert (
+        q["mu"].shape == (2,)
+        and q["theta"].shape == (2, 4)
+        and (q["theta"][0] < q["theta"][1]).all()
+    )
+
+
+def test_exact_posterior_of_a_conjugate_hierarchical_model() -> None:
+    # mu ~ N(0, 9), theta_g ~ N(mu, 1), y_g ~ N(theta_g, 1): y_g | mu ~ N(mu, 2)
+    pyro.set_rng_seed(0)
+    prec = 1 / 9 + len(Y) / 2
+    mu_mean, mu_var = (Y.sum() / 2) / prec, 1 / prec
+    theta_mean, theta_sd = (mu_mean + Y) / 2, math.sqrt(0.5 + 0.25 * mu_var)
+    guide = AutoHierarchicalFlow(hier, depth=0)
+    train(hier, guide, Y, steps=800, particles=8, lr=5e-2, final_lr=5e-3)
+    draws = guide.sample_full(4000, Y)
+    assert draws["mu"].mean() == pytest.approx(float(mu_mean), abs=0.08)
+    assert draws["mu"].std() == pytest.approx(math.sqrt(mu_var), rel=0.1)
+    assert torch.allclose(draws["theta"].mean(0), theta_mean, atol=0.15)  # 0.19 sd
+    assert torch.allclose(draws["theta"].std(0), torch.full((4,), theta_sd), rtol=0.1)
+
+
+def test_diagnostics_run_with_the_guide() -> None:
+    guide = AutoHierarchicalFlow(hier)
+    train(hier, guide, Y, steps=20)
+    khat = psis_khat(hier, guide, Y, num_samples=200)
+    assert math.isfinite(khat.khat)
+    idata = to_inference_data(hier, guide, Y, num_samples=50)
+    assert idata.posterior["theta"].shape == (1, 50, 4)
+    assert importance_resample(hier, guide, Y, num_samples=100)["theta"].shape == (100, 4)
+
+
+def test_encoders_amortise_a_plate() -> None:
+    guide = AutoHierarchicalFlow(hier, encoders={"g": lambda y, b=None: y[:, None]})
+    train(hier, guide, Y, steps=5)
+    assert "g" not in guide.embeddings and not guide.local_flows[0].per_element
+    assert guide.median(Y)["theta"].shape == (4,)
+    with pytest.raises(ValueError, match="encoder of plate 'g'"):
+        AutoHierarchicalFlow(hier, encoders={"g": lambda y, b=None: y}).initialize(Y)
