@@ -8,6 +8,7 @@
   conditional flow (:class:`LocalFlow`) over its local latents; scales to large and
   subsampled plates;
 * :class:`StickingTheLanding`: the path-derivative gradient for any reparameterised guide;
+* :class:`StudentTBase`: the heavier-tailed base of ``AutoCouplingFlow(base="studentt")``;
 * :func:`fit_guide`: fit any guide by SVI with the recommended protocol, in one call;
 * :func:`laplace_approximation`: mode and inverse-Hessian factor of a log density;
 * :func:`to_inference_data`, :func:`psis_khat`, :func:`importance_resample`: ArviZ
@@ -37,6 +38,7 @@ from pyro_flows_ext.infer.importance import (
 from pyro_flows_ext.infer.laplace import LaplaceResult, laplace_approximation
 from pyro_flows_ext.infer.plots import plot_pairs
 from pyro_flows_ext.infer.stl import StickingTheLanding
+from pyro_flows_ext.infer.tails import StudentTBase
 
 __all__ = [
     "AutoConditionalCouplingFlow",
@@ -49,6 +51,7 @@ __all__ = [
     "NonFiniteLossError",
     "ParetoK",
     "StickingTheLanding",
+    "StudentTBase",
     "fit_guide",
     "importance_draws",
     "importance_resample",

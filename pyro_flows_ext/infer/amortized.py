@@ -52,7 +52,8 @@ class AutoConditionalCouplingFlow(AutoCouplingFlow):
         context_fn: maps the model's ``*args, **kwargs`` to a context vector ``(C,)``.
         options: keyword arguments of :class:`~pyro_flows_ext.infer.AutoCouplingFlow`
             (``depth``, ``hidden_dims``, ``mixing``, ``actnorm``, ``init_loc_fn``,
-            ``init_scale``, ``scale``, ``clamp``, ``coupling``, ``stl``, ``net_lr_scale``) with
+            ``init_scale``, ``scale``, ``clamp``, ``coupling``, ``stl``, ``net_lr_scale``,
+            ``base``, ``df``, ``affine``, ``rank``) with
             the same defaults; the default ``hidden_dims`` count the context among the network's
             inputs. ``init``, ``laplace_options`` and ``init_elbo_samples`` (the Laplace start)
             do not apply.

@@ -3,14 +3,82 @@ mixing layer."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
-from torch import nn
+from torch import Tensor, nn
 
-from pyro_flows_ext.transforms import Partition
+from pyro_flows_ext.nn import default_hidden_dims
+from pyro_flows_ext.transforms import LowerAffine, LowRankAffine, Partition
 from pyro_flows_ext.transforms.masks import make_partition
 
-__all__ = ["coupling_steps"]
+__all__ = [
+    "AFFINES",
+    "FULL_RANK_MAX_DIM",
+    "MAX_WIDTH",
+    "coupling_steps",
+    "final_affine",
+    "guide_hidden_dims",
+    "resolve_affine",
+]
+
+MAX_WIDTH = 256
+"""The widest hidden layer of a guide's default conditioner, whatever ``D``."""
+FULL_RANK_MAX_DIM = 1024
+"""The largest ``D`` for which ``affine="auto"`` gives the full-rank final layer."""
+AFFINES = ("auto", "full", "lowrank")
+
+
+def guide_hidden_dims(input_dim: int) -> tuple[int, ...]:
+    """The default hidden sizes of a guide's conditioner that sees ``input_dim`` features:
+    :func:`~pyro_flows_ext.nn.default_hidden_dims` (two layers of ``max(64, 4 D_A)``) capped
+    at :data:`MAX_WIDTH`, so that a guide's parameters grow linearly in ``D``, not as
+    ``D^2`` (the cap binds from ``D_A = 65`` on, i.e. for ``D > 128`` with a half split).
+
+    Example:
+        >>> guide_hidden_dims(8), guide_hidden_dims(500)
+        ((64, 64), (256, 256))
+    """
+    return tuple(min(width, MAX_WIDTH) for width in default_hidden_dims(input_dim))
+
+
+def resolve_affine(affine: str, dim: int) -> str:
+    """``"full"`` or ``"lowrank"``: ``affine`` itself, or for ``"auto"`` full rank up to
+    :data:`FULL_RANK_MAX_DIM` features and low rank above.
+
+    Example:
+        >>> resolve_affine("auto", 10), resolve_affine("auto", 5000), resolve_affine("full", 5000)
+        ('full', 'lowrank', 'full')
+    """
+    if affine != "auto":
+        return affine
+    return "full" if dim <= FULL_RANK_MAX_DIM else "lowrank"
+
+
+def final_affine(
+    dim: int,
+    kind: str,
+    center: Tensor,
+    preconditioner: Tensor | None,
+    init_scale: float,
+    rank: int | None = None,
+) -> nn.Module:
+    """The Gaussian end of a guide: a :class:`~pyro_flows_ext.transforms.LowerAffine` for
+    ``kind="full"``, else a :class:`~pyro_flows_ext.transforms.LowRankAffine` of rank
+    ``rank`` (default ``round(sqrt(D))``, as Pyro's ``AutoLowRankMultivariateNormal``) whose
+    elementwise preconditioner holds the marginal standard deviations of the start
+    ``preconditioner`` (the row norms of the factor, when given).
+
+    Example:
+        >>> import torch
+        >>> type(final_affine(4, "lowrank", torch.zeros(4), None, 0.1)).__name__
+        'LowRankAffine'
+    """
+    if kind == "full":
+        return LowerAffine(dim, center, preconditioner, init_scale=init_scale)
+    rank = rank or max(1, round(math.sqrt(dim)))
+    diag = None if preconditioner is None else preconditioner.norm(dim=-1)
+    return LowRankAffine(dim, min(rank, dim), center, diag, init_scale=init_scale)
 
 
 def coupling_steps(

@@ -29,6 +29,7 @@ from pyro_flows_ext.transforms.invertible import (
 )
 from pyro_flows_ext.transforms.kinds import COUPLINGS, make_coupling
 from pyro_flows_ext.transforms.linear import LowerAffine, PermuteTransform
+from pyro_flows_ext.transforms.lowrank import LowRankAffine
 from pyro_flows_ext.transforms.masks import MaskPartition, Partition, SlicePartition
 from pyro_flows_ext.transforms.prior import ElementwiseAffine, top_prior
 from pyro_flows_ext.transforms.shift import ConditionalShift
@@ -56,6 +57,7 @@ __all__ = [
     "FactorOut",
     "InvertibleConv1x1",
     "InvertibleLinear",
+    "LowRankAffine",
     "LowerAffine",
     "MaskPartition",
     "Partition",

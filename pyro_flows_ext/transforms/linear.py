@@ -44,10 +44,12 @@ class LowerAffine(CachedTransformModule):
     Adam's steps the same size in every direction, however badly the target is scaled: a guide
     sets ``c, P`` from a Laplace approximation and starts at ``a = 0, B = I``.
 
-    ``log|det| = sum(log diag P) + sum(log_diag)``, a constant, so sampling and scoring cost one
-    matrix product and one triangular solve; with ``cache_size=1`` the log-det of the last
-    call is reused. The ``(D, D)`` parameters limit it to moderate ``D`` (a full-rank Gaussian,
-    as in ``AutoMultivariateNormal``).
+    ``log|det| = sum(log diag P) + sum(log_diag)``, a constant, so sampling costs two
+    matrix-vector products per draw (``B`` then ``P``; ``L = P B`` is never formed) and scoring
+    two triangular solves; with ``cache_size=1`` the log-det of the last call is reused. The
+    ``(D, D)`` parameters limit it to moderate ``D`` (a full-rank Gaussian, as in
+    ``AutoMultivariateNormal``); :class:`~pyro_flows_ext.transforms.LowRankAffine` is the
+    ``O(D r)`` alternative.
 
     Args:
         dim: ``D``.
@@ -125,12 +127,15 @@ class LowerAffine(CachedTransformModule):
         return ld.expand(x.shape[:-1])
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.loc + x @ self.scale_tril.T, self._log_det(x)
+        # (a + B z) then P: two matrix-vector products per row, never the D^3 product P B
+        w = self.shift + x @ self._inner().T
+        return self.center + w @ self.preconditioner.T, self._log_det(x)
 
     def _backward(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        # z = L^{-1} (y - loc), i.e. z^T = (y - loc)^T L^{-T}: a right-sided triangular solve
-        rhs = (y - self.loc).reshape(-1, self.dim)
-        z = torch.linalg.solve_triangular(self.scale_tril.T, rhs, upper=True, left=False)
+        # z = B^{-1} (P^{-1} (y - c) - a): two right-sided triangular solves (z^T = r^T L^{-T})
+        rhs = (y - self.center).reshape(-1, self.dim)
+        w = torch.linalg.solve_triangular(self.preconditioner.T, rhs, upper=True, left=False)
+        z = torch.linalg.solve_triangular(self._inner().T, w - self.shift, upper=True, left=False)
         return z.reshape(y.shape), self._log_det(y)
 
     def extra_repr(self) -> str:
