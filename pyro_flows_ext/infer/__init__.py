@@ -13,6 +13,7 @@
 * :func:`laplace_approximation`: mode and inverse-Hessian factor of a log density;
 * :func:`to_inference_data`, :func:`psis_khat`, :func:`importance_resample`: ArviZ
   diagnostics of any guide (:mod:`pyro_flows_ext.infer.diagnostics`);
+* :func:`neutra_mcmc`: NeuTra HMC, exact NUTS in the space a fitted guide whitens;
 * :func:`plot_pairs`: pair plot of guide draws against reference draws.
 
 The guides compose layers of :mod:`pyro_flows_ext.transforms` (couplings,
@@ -36,6 +37,7 @@ from pyro_flows_ext.infer.importance import (
     khat_verdict,
 )
 from pyro_flows_ext.infer.laplace import LaplaceResult, laplace_approximation
+from pyro_flows_ext.infer.neutra import NeuTraDraws, neutra_mcmc
 from pyro_flows_ext.infer.plots import plot_pairs
 from pyro_flows_ext.infer.stl import StickingTheLanding
 from pyro_flows_ext.infer.tails import StudentTBase
@@ -48,6 +50,7 @@ __all__ = [
     "ImportanceDraws",
     "LaplaceResult",
     "LocalFlow",
+    "NeuTraDraws",
     "NonFiniteLossError",
     "ParetoK",
     "StickingTheLanding",
@@ -58,6 +61,7 @@ __all__ = [
     "khat_threshold",
     "khat_verdict",
     "laplace_approximation",
+    "neutra_mcmc",
     "plot_pairs",
     "psis_khat",
     "to_inference_data",
