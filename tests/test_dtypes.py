@@ -47,6 +47,7 @@ FACTORIES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "invertible_linear-plain": (lambda: T.invertible_linear(VEC, lu=False), (VEC,)),
     "invertible_conv1x1": (lambda: T.invertible_conv1x1(IMG), IMG),
     "LowerAffine": (lambda: T.LowerAffine(VEC, init_scale=0.5), (VEC,)),
+    "LowRankAffine": (lambda: T.LowRankAffine(VEC, 2, init_scale=0.5), (VEC,)),
     "ConditionalShift": (lambda: T.ConditionalShift(VEC, 3), (VEC,)),
     "split_prior": (lambda: T.split_prior(IMG), IMG),
     "top_prior-vec": (lambda: T.top_prior(VEC), (VEC,)),

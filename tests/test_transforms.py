@@ -92,6 +92,9 @@ CASES: dict[str, Case] = {
         IMG,
     ),
     "lower-affine": Case(lambda: _m(T.LowerAffine(VEC, torch.ones(VEC), init_scale=0.5)), (VEC,)),
+    "low-rank-affine": Case(
+        lambda: _m(T.LowRankAffine(VEC, 2, torch.ones(VEC), init_scale=0.5)), (VEC,)
+    ),
     "permute": Case(lambda: _m(T.PermuteTransform(VEC)), (VEC,)),
     "conditional-shift": Case(lambda: _conditioned(T.ConditionalShift(VEC, CTX)), (VEC,)),
     "actnorm-vec": Case(lambda: _m(T.actnorm(VEC)), (VEC,)),
