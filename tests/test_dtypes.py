@@ -4,7 +4,7 @@ buffers in ``torch.get_default_dtype()``, runs both directions in it, and conver
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -63,14 +63,6 @@ FACTORIES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     ),
     "realnvp-img": (lambda: pfe.realnvp((1, 8, 8), depth=1, hidden_channels=4), (1, 8, 8)),
 }
-
-
-@pytest.fixture(params=[torch.float32, torch.float64], ids=["float32", "float64"])
-def default_dtype(request: pytest.FixtureRequest) -> Iterator[torch.dtype]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(request.param)
-    yield request.param
-    torch.set_default_dtype(old)
 
 
 def _floating_tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -22,14 +20,6 @@ NUM_DATA = 8
 def _fresh() -> None:
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-
-
-@pytest.fixture(params=[torch.float32, torch.float64], ids=["float32", "float64"])
-def default_dtype(request: pytest.FixtureRequest) -> Iterator[torch.dtype]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(request.param)
-    yield request.param
-    torch.set_default_dtype(old)
 
 
 def regression(x: torch.Tensor, y: torch.Tensor) -> None:
