@@ -59,6 +59,7 @@ GUIDES = {
     "NeuTra + AutoCouplingFlow": lambda m: AutoCouplingFlow(m),
     "NeuTra + AutoIAFNormal": lambda m: AutoIAFNormal(m, num_transforms=2),
     "NeuTra + AutoCouplingFlow(depth=6)": lambda m: AutoCouplingFlow(m, depth=6),
+    "NeuTra + AutoCouplingFlow(base=normal)": lambda m: AutoCouplingFlow(m, base="normal"),
 }
 DEFAULT_GUIDES = list(GUIDES)[1:3]
 
