@@ -267,8 +267,9 @@ def neutra_mcmc(
     back too).
 
     A guide pays when it has learned the posterior's *shape*, its tails included: NUTS in the
-    whitened space needs one step size for the whole posterior. The recommended path is the
-    default :class:`~pyro_flows_ext.infer.AutoCouplingFlow` fitted by
+    whitened space needs one step size for the whole posterior. The recommended path is
+    ``AutoCouplingFlow(model, base="normal")`` (the default Student-t base diverged more often
+    in ``benchmarks/neutra.py``) fitted by
     :func:`~pyro_flows_ext.infer.fit_guide` for its full default 3,000 steps (on a 10-d funnel,
     1,500 steps left the guide's neck half as wide as the posterior's and NeuTra little better
     than plain NUTS), then two or more chains here. Check the run as any MCMC run (r-hat,
