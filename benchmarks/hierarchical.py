@@ -222,7 +222,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guides", default=",".join(GUIDES), help=f"of {', '.join(GUIDES)}")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--particles", type=int, default=8)
-    p.add_argument("--lr0", type=float, default=1e-2)
+    p.add_argument("--lr0", type=float, default=5e-2)
     p.add_argument("--lr1", type=float, default=1e-4)
     p.add_argument("--draws", type=int, default=10_000)
     p.add_argument("--out", type=Path, default=RESULTS / "hierarchical.md")
