@@ -29,15 +29,10 @@ from pyro_flows_ext.infer.fitting import FitHistory, NonFiniteLossError, fit_gui
 from pyro_flows_ext.infer.guide import AutoCouplingFlow
 from pyro_flows_ext.infer.hierarchical import AutoHierarchicalFlow
 from pyro_flows_ext.infer.hierarchical_flows import LocalFlow
-from pyro_flows_ext.infer.importance import (
-    ImportanceDraws,
-    ParetoK,
-    importance_draws,
-    khat_threshold,
-    khat_verdict,
-)
+from pyro_flows_ext.infer.importance import ImportanceDraws, importance_draws
 from pyro_flows_ext.infer.laplace import LaplaceResult, laplace_approximation
 from pyro_flows_ext.infer.neutra import NeuTraDraws, neutra_mcmc
+from pyro_flows_ext.infer.pareto import ParetoK, khat_threshold, khat_verdict
 from pyro_flows_ext.infer.plots import plot_pairs
 from pyro_flows_ext.infer.stl import StickingTheLanding
 from pyro_flows_ext.infer.tails import StudentTBase

@@ -15,14 +15,8 @@ from pyro import poutine
 from torch import Tensor
 
 from pyro_flows_ext.checks import check_bool, positive_int
-from pyro_flows_ext.infer.importance import (
-    ImportanceDraws,
-    ParetoK,
-    _as_draws,
-    _value,
-    importance_draws,
-)
-from pyro_flows_ext.infer.pareto import _arviz
+from pyro_flows_ext.infer.importance import ImportanceDraws, _as_draws, _value, importance_draws
+from pyro_flows_ext.infer.pareto import ParetoK, _arviz
 
 __all__ = ["importance_resample", "psis_khat", "to_inference_data"]
 

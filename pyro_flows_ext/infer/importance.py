@@ -42,25 +42,9 @@ from pyro_flows_ext.infer._traces import (
     per_particle_log_prob,
     vectorised_or_looped,
 )
-from pyro_flows_ext.infer.pareto import (
-    FLAT_LOG_WEIGHTS,
-    KHAT_BOOTSTRAP,
-    ParetoK,
-    khat_threshold,
-    khat_verdict,
-    pareto_smooth,
-)
+from pyro_flows_ext.infer.pareto import ParetoK, pareto_smooth
 
-__all__ = [
-    "FLAT_LOG_WEIGHTS",
-    "KHAT_BOOTSTRAP",
-    "ImportanceDraws",
-    "ParetoK",
-    "importance_draws",
-    "khat_threshold",
-    "khat_verdict",
-    "pareto_smooth",
-]
+__all__ = ["ImportanceDraws", "importance_draws"]
 
 _PARTICLES = "_diagnostic_particles"
 

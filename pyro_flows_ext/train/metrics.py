@@ -16,10 +16,10 @@ from torch import Tensor
 
 from pyro_flows_ext.checks import positive_int
 from pyro_flows_ext.flows import Flow
-from pyro_flows_ext.train.data import as_tensor_data, examples
+from pyro_flows_ext.train.data import examples
 from pyro_flows_ext.train.preprocess import DequantizeSpec, Preprocess, as_preprocess
 
-__all__ = ["as_tensor_data", "bits_per_dim", "log_likelihood", "nll"]
+__all__ = ["bits_per_dim", "log_likelihood", "nll"]
 
 
 def log_likelihood(
