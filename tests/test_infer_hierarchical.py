@@ -76,7 +76,7 @@ def test_subsampled_step_touches_only_the_subsample() -> None:
     pyro.set_rng_seed(1)  # the same subsample again
     Trace_ELBO().differentiable_loss(funnel, guide, y, 5).backward()
     flow = guide.local_flows[0]
-    for grad in (guide.embeddings["g"].grad, flow.loc.grad, flow.log_scale.grad):
+    for grad in (guide.embeddings["g"].grad, flow.pseudo_loc.grad, flow.pseudo_log_prec.grad):
         touched = (grad.abs().reshape(20, -1).sum(-1) > 0).nonzero().flatten().tolist()
         assert set(touched) <= set(index) and touched
     assert guide.embeddings["g"].shape == (20, guide.embedding_dim)
@@ -176,7 +176,7 @@ def test_predictive_median_quantiles_and_float64(float64) -> None:
     y = Y.double()
     guide = AutoHierarchicalFlow(hier)
     train(hier, guide, y, steps=5)
-    assert guide.local_flows[0].loc.dtype == torch.float64
+    assert guide.local_flows[0].pseudo_loc.dtype == torch.float64
     draws = Predictive(hier, guide=guide, num_samples=7)(y)
     assert draws["theta"].shape == (7, 4) and draws["theta"].dtype == torch.float64
     q = guide.quantiles([0.1, 0.9], y)

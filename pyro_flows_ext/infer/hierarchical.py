@@ -25,6 +25,7 @@ from pyro_flows_ext.infer.hierarchical_flows import (
     encode,
     global_flow,
 )
+from pyro_flows_ext.infer.local_prior import LocalPrior, local_priors
 from pyro_flows_ext.infer.plates import PlateGroup, PlateStructure, plate_structure
 from pyro_flows_ext.infer.stl import StickingTheLanding
 from pyro_flows_ext.transforms import LowerAffine
@@ -59,8 +60,9 @@ class AutoHierarchicalFlow(AutoGuide):
     location and log-scale, ``embedding_dim + 2 F`` numbers per element) are indexed by the
     plate's subsample, so under ``pyro.plate(name, N, subsample_size=B)`` a step computes and
     differentiates only the ``B`` sampled elements (the log densities are scaled by ``N / B``
-    by the plate, as for ``AutoNormal``). A fresh guide is a diagonal Gaussian like a fresh
-    ``AutoNormal``.
+    by the plate, as for ``AutoNormal``). A fresh guide is a Gaussian: the globals' around the
+    ``init_loc_fn`` point, and each local at its prior given the globals where that prior is a
+    location-scale family that depends on them (``local_start``), else around its point.
 
     Subsampling: the guide creates the model's plates itself (``pyro.plate(name, N,
     subsample_size=B)`` with the prototype's sizes), and the model's plate reuses its indices.
@@ -85,10 +87,14 @@ class AutoHierarchicalFlow(AutoGuide):
         coupling: ``"spline"`` (default) or ``"affine"`` couplings for the globals.
         init_loc_fn: initial values (:mod:`pyro.infer.autoguide.initialization`); per-element
             locations start at the mean of the prototype's values of the group.
-        init_scale: initial standard deviation of every latent (unconstrained).
-        clamp: bound of the affine log-scales (soft, ``clamp * tanh(h / clamp)``).
-        net_lr_scale: the networks learn at this fraction of the step size
-            (:class:`~pyro_flows_ext.nn.DampedMLP`).
+        init_scale: initial standard deviation of every latent (unconstrained) that does not
+            start at its prior.
+        local_prior: use the model's prior of each local given the globals where it is a
+            location-scale family that depends on them (``theta ~ Normal(mu, tau)``): the
+            local flow is then that prior times a learned Gaussian pseudo-likelihood per
+            element (:class:`~pyro_flows_ext.infer.hierarchical_flows.LocalFlow`), exact for
+            normal-normal models at every point of their funnel. ``False``: a learned
+            Gaussian per element whatever the globals (plus the shared network).
         stl: sticking-the-landing gradient (:class:`~pyro_flows_ext.infer.StickingTheLanding`
             for the globals, :class:`~pyro_flows_ext.infer.hierarchical_flows.ConditionalSTL`
             for the locals). Off by default: on the radon model of tutorial 5 it trained to a
@@ -129,6 +135,7 @@ class AutoHierarchicalFlow(AutoGuide):
         init_scale: float = 0.1,
         clamp: float = 5.0,
         net_lr_scale: float = 0.1,
+        local_prior: bool = True,
         stl: bool = False,
         create_plates: Callable[..., Any] | None = None,
     ) -> None:
@@ -145,6 +152,7 @@ class AutoHierarchicalFlow(AutoGuide):
         self.init_scale = positive_float("init_scale", init_scale)
         self.clamp = positive_float("clamp", clamp)
         self.net_lr_scale = positive_float("net_lr_scale", net_lr_scale)
+        self.local_prior = check_bool("local_prior", local_prior)
         self.stl = check_bool("stl", stl)
         self.structure: PlateStructure | None = None
         super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
@@ -185,13 +193,20 @@ class AutoHierarchicalFlow(AutoGuide):
             }
         )
         widths.update({n: self.embedding_dim for n in self.embeddings})
+        g0 = self._unconstrained_globals()
         self.global_flow = nn.ModuleList(
             global_flow(
-                self._unconstrained_globals(), self.depth, self.coupling, self.hidden_dims,
+                g0, self.depth, self.coupling, self.hidden_dims,
                 self.init_scale, self.clamp, self.net_lr_scale,
             )
         )  # fmt: skip
-        self.local_flows = nn.ModuleList(self._local_flow(group, widths) for group in s.groups)
+        priors = local_priors(
+            self.model, trace, s, self.init_scale, args, kwargs, read=self.local_prior
+        )
+        self.local_flows = nn.ModuleList(
+            self._local_flow(group, prior, widths)
+            for group, prior in zip(s.groups, priors, strict=True)
+        )
         self.register_buffer("_anchor", like.new_zeros(()).detach())
         self.to(dtype=like.dtype, device=like.device)
 
@@ -204,19 +219,19 @@ class AutoHierarchicalFlow(AutoGuide):
         ]
         return torch.cat(parts) if parts else torch.zeros(0)
 
-    def _local_flow(self, group: PlateGroup, widths: dict[str, int]) -> LocalFlow:
+    def _local_flow(
+        self, group: PlateGroup, prior: LocalPrior, widths: dict[str, int]
+    ) -> LocalFlow:
         assert self.structure is not None
-        init = group.initial_values(cast(Any, self.prototype_trace))
         groups = self.structure.groups
         context = self.structure.global_dim + sum(groups[j].dim for j in group.parents)
         context += sum(widths[p.name] for p in group.plates)
         amortised = any(p.name in self.encoders for p in group.plates)
         grid = None if amortised else group.grid({p.name: p.size for p in group.plates})
-        init = init.reshape(-1, group.dim).mean(0) if amortised else init
         hidden = self.local_hidden_dims or LOCAL_HIDDEN
         return LocalFlow(
-            group.dim, context, grid, init.cpu(), self.init_scale, self.structure.global_dim,
-            self.local_depth, hidden, self.net_lr_scale, self.clamp,
+            group.dim, context, grid, prior, self.local_depth, hidden, self.net_lr_scale,
+            self.clamp,
         )  # fmt: skip
 
     # ---------------------------------------------------------------- the flows ---------
@@ -228,14 +243,14 @@ class AutoHierarchicalFlow(AutoGuide):
         return dist.TransformedDistribution(base, list(self.global_flow))
 
     def _local_dist(
-        self, i: int, context: Tensor, centred: Tensor, indices: dict[str, Tensor]
+        self, i: int, context: Tensor, g: Tensor, indices: dict[str, Tensor]
     ) -> Distribution:
         assert self.structure is not None
         group, flow = self.structure.groups[i], cast(LocalFlow, self.local_flows[i])
-        loc, log_scale, coef = flow.element_params(group.plates, indices)
-        batch = torch.broadcast_shapes(context.shape[:-1], loc.shape[:-1])
+        params = flow.element_params(group.plates, indices)
+        batch = torch.broadcast_shapes(context.shape[:-1], params[0].shape[:-1])
         base = dist.Normal(self._anchor, 1.0).expand(batch + (group.dim,)).to_event(1)
-        transforms = flow.transforms(context, centred, loc, log_scale, coef)
+        transforms = flow.transforms(context, g, *params)
         return dist.TransformedDistribution(base, transforms)
 
     def _features(self, indices: dict[str, Tensor], args: tuple, kwargs: dict) -> dict[str, Tensor]:
@@ -266,8 +281,7 @@ class AutoHierarchicalFlow(AutoGuide):
         s = self.structure
         assert s is not None
         result: dict[str, Tensor] = {}
-        g = None
-        centred = self._anchor.new_zeros(0)
+        g = centred = self._anchor.new_zeros(0)
         if s.global_dim:
             g = draw(self._aux("globals"), self._global_dist(), True, None)
             result.update({n: emit(n, v, ld) for n, (v, ld) in s.split_globals(g).items()})
@@ -275,15 +289,15 @@ class AutoHierarchicalFlow(AutoGuide):
         sizes = {n: len(i) for n, i in indices.items()}
         blocks: list[Tensor] = []
         for i, group in enumerate(s.groups):
-            parts = [] if g is None else [centred]
+            parts = [centred] if s.global_dim else []
             parts += [blocks[j] for j in group.parents] + [feats[p.name] for p in group.plates]
             with scope(group):
-                fresh = g is None and not group.parents  # no draw in its context yet
+                fresh = not s.global_dim and not group.parents  # no draw in its context yet
                 context = cat_features(parts)
-                q = self._local_dist(i, context, centred, indices)
+                q = self._local_dist(i, context, g, indices)
 
                 def score(i: int = i, c: Tensor = context) -> Distribution:
-                    return self._local_dist(i, c.detach(), centred.detach(), indices)
+                    return self._local_dist(i, c.detach(), g.detach(), indices)
 
                 u = draw(self._aux(group.name), q, fresh, score)
                 values = group.split(u, sizes)

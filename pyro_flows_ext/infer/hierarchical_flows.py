@@ -14,6 +14,7 @@ from torch.distributions.transforms import AffineTransform
 
 from pyro_flows_ext.checks import positive_int
 from pyro_flows_ext.infer.guide import SPLINE_BINS
+from pyro_flows_ext.infer.local_prior import LocalPrior
 from pyro_flows_ext.infer.plates import PlateInfo
 from pyro_flows_ext.infer.stack import coupling_steps
 from pyro_flows_ext.infer.stl import StickingTheLanding
@@ -50,46 +51,62 @@ def cat_features(parts: Sequence[Tensor]) -> Tensor:
 
 class LocalFlow(nn.Module):
     """The conditional flow :math:`q(u_i \\mid c_i)` of one plate group's unconstrained
-    locals :math:`u_i \\in \\mathbb{R}^F` given a context :math:`c_i` (the globals' draw
-    :math:`g`, the element's embedding or encoded data, the draws of enclosing groups):
+    locals :math:`u_i \\in \\mathbb{R}^F` given the globals' draw :math:`g` and a context
+    :math:`c_i` (the globals centred at their current location, the element's embedding or
+    encoded data, the draws of enclosing groups):
 
     .. math::
 
-        u_i = m_i + A_i \\bar g + t(c_i)
-        + \\exp\\big(s_i + B_i \\bar g + C \\tanh(h(c_i) / C)\\big)
-        \\odot g_K \\circ \\dots \\circ g_1(\\epsilon; c_i),
+        u_i = \\mu_i(g) + t(c_i)
+        + \\sigma_i(g)\\, e^{C \\tanh(h(c_i) / C)}
+        \\odot f_K \\circ \\dots \\circ f_1(\\epsilon; c_i),
         \\qquad \\epsilon \\sim \\mathcal N(0, I_F),
 
-    where :math:`\\bar g` is the globals' draw centred at the globals' current location
-    (``(D,)``, empty without globals), ``(t, h)`` a zero-initialised
-    :class:`~pyro_flows_ext.nn.DampedMLP` of the context, :math:`m_i, s_i` (``(*grid, F)``) and
-    :math:`A_i, B_i` (``(*grid, F, D)``, zero at first) per-element parameters (one shared
-    set when ``grid`` is ``None``, for amortised groups), and the :math:`g_k`
+    where :math:`\\mathcal N(\\mu_i(g), \\sigma_i(g)^2)` is the model's prior of the local
+    given the globals, :math:`\\mathcal N(m(g), e^{2 s(g)})` (a
+    :class:`~pyro_flows_ext.infer.local_prior.LocalPrior`), times a learned per-element
+    Gaussian pseudo-likelihood :math:`\\mathcal N(\\hat y_i, e^{-\\lambda_i})`, featurewise:
+
+    .. math::
+
+        \\sigma_i^{-2} = e^{-2 s(g)} + e^{\\lambda_i}, \\qquad
+        \\mu_i = \\sigma_i^2 \\big(e^{-2 s(g)} m(g) + e^{\\lambda_i} \\hat y_i\\big),
+
+    (for a feature without a prior, :math:`\\mathcal N(\\hat y_i, e^{-\\lambda_i})` alone).
+    This is the exact conditional posterior of a normal local with a normal likelihood (the
+    hierarchical normal model's :math:`\\theta_g \\mid \\mu, \\tau, y` at every point of
+    its funnel), with two numbers per element and feature; ``(t, h)`` is a zero-initialised
+    :class:`~pyro_flows_ext.nn.DampedMLP` of the context and the :math:`f_k`
     :class:`~pyro_flows_ext.transforms.ConditionalAffineCoupling` s with permutations (only
-    for ``F > 1``). In the density direction the first layer is the conditional affine map:
-    a local that is Gaussian given the globals, with a mean linear in them and a log-scale
-    linear in the unconstrained globals (a hierarchical normal model's
-    :math:`\\theta_g \\mid \\mu, \\log\\tau` near the funnel's neck) is represented by
-    the per-element linear part alone, and the network adds what is nonlinear. It starts at
-    :math:`\\mathcal N(m, \\text{init\\_scale}^2)` for every context.
+    for ``F > 1``), for what is not Gaussian. :math:`\\hat y_i, \\lambda_i` (``(*grid, F)``)
+    are per-element parameters, or one shared pair when ``grid`` is ``None`` (amortised
+    groups), starting at ``prior``'s pseudo-likelihood start.
 
     Example:
         >>> import torch
-        >>> flow = LocalFlow(2, 3, torch.Size([5]), torch.zeros(2), 0.5, global_dim=1, depth=2)
+        >>> from pyro_flows_ext.infer.local_prior import LocalPrior
+        >>> zeros, no = torch.zeros(5, 2), torch.zeros(2, dtype=torch.bool)
+        >>> prec = torch.full((5, 2), 4.0).log()  # scale 0.5
+        >>> prior = LocalPrior(zeros, zeros, torch.zeros(5, 4, 1), no, torch.zeros(1), zeros, prec)
+        >>> flow = LocalFlow(2, 3, torch.Size([5]), prior, depth=2)
         >>> params = flow.element_params((), {})
         >>> ts = flow.transforms(torch.zeros(5, 3), torch.zeros(1), *params)
         >>> len(ts), ts[-1](torch.ones(5, 2))[0].tolist()
         (5, [0.5, 0.5])
     """
 
+    prior_loc: Tensor
+    prior_log_scale: Tensor
+    prior_coef: Tensor
+    prior_mask: Tensor
+    prior_g0: Tensor
+
     def __init__(
         self,
         features: int,
         context_dim: int,
         grid: torch.Size | None,
-        init_loc: Tensor,
-        init_scale: float,
-        global_dim: int = 0,
+        prior: LocalPrior,
         depth: int = 2,
         hidden_dims: Sequence[int] = LOCAL_HIDDEN,
         lr_scale: float = 0.1,
@@ -106,11 +123,16 @@ class LocalFlow(nn.Module):
             return [PermuteTransform(features)]
 
         self.couplings = nn.ModuleList(coupling_steps(features, depth, self._coupling, mixing))
-        shape = (grid or torch.Size()) + (features,)
         self.per_element = grid is not None
-        self.loc = nn.Parameter(init_loc.detach().expand(shape).clone())
-        self.log_scale = nn.Parameter(torch.full(shape, math.log(init_scale)).to(init_loc))
-        self.coef = nn.Parameter(torch.zeros(shape[:-1] + (2 * features, global_dim)))
+        if not self.per_element:
+            prior = prior.pooled()
+        self.pseudo_loc = nn.Parameter(prior.pseudo_loc.detach().clone())
+        self.pseudo_log_prec = nn.Parameter(prior.pseudo_log_prec.detach().clone())
+        self.register_buffer("prior_loc", prior.loc.detach().clone())
+        self.register_buffer("prior_log_scale", prior.log_scale.detach().clone())
+        self.register_buffer("prior_coef", prior.coef.detach().clone())
+        self.register_buffer("prior_mask", prior.mask.clone())
+        self.register_buffer("prior_g0", prior.g0.detach().clone())
 
     def _coupling(self, part: Partition, parity: int) -> nn.Module:
         k = self.context_dim
@@ -120,27 +142,43 @@ class LocalFlow(nn.Module):
 
     def element_params(
         self, plates: Sequence[PlateInfo], indices: dict[str, Tensor]
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(m, s, [A; B])`` at the plates' (subsample) ``indices``: only those rows are
-        used, so only they get a gradient."""
-        params: list[Tensor] = [self.loc, self.log_scale, self.coef]
+    ) -> tuple[Tensor, ...]:
+        """The per-element pseudo-likelihood and prior tensors at the plates' (subsample)
+        ``indices``: only those rows are used, so only they get a gradient."""
+        named: list[Tensor] = [self.pseudo_loc, self.pseudo_log_prec]
+        named += [self.prior_loc, self.prior_log_scale]
+        params = [*named, self.prior_coef]
         if self.per_element:
             for p in plates:
-                index = indices[p.name].to(self.loc.device)
-                params[:2] = [t.index_select(p.dim - 1, index) for t in params[:2]]
-                params[2] = params[2].index_select(p.dim - 2, index)
-        loc, log_scale, coef = params
-        return loc, log_scale, coef
+                index = indices[p.name].to(self.pseudo_loc.device)
+                for k, t in enumerate(params):
+                    dim = p.dim - (2 if k == len(named) else 1)
+                    if t.shape[dim] != 1:
+                        params[k] = t.index_select(dim, index)
+        return tuple(params)
 
     def transforms(
-        self, context: Tensor, centred: Tensor, loc: Tensor, log_scale: Tensor, coef: Tensor
+        self,
+        context: Tensor,
+        g: Tensor,
+        pseudo_loc: Tensor,
+        pseudo_log_prec: Tensor,
+        prior_loc: Tensor,
+        prior_log_scale: Tensor,
+        prior_coef: Tensor,
     ) -> list[Transform]:
-        """Base-to-latent transforms for contexts ``(*batch, C)`` and centred globals
-        ``(*batch, D)``."""
+        """Base-to-latent transforms for contexts ``(*batch, C)`` and the globals' draw ``g``
+        ``(*batch, D)``, with :meth:`element_params`."""
         shift, h = self.net(context).chunk(2, dim=-1)
-        if coef.shape[-1]:
-            linear = (coef @ centred.unsqueeze(-1)).squeeze(-1)
-            shift, h = shift + linear[..., : self.features], h + linear[..., self.features :]
+        loc, log_scale = pseudo_loc, -0.5 * pseudo_log_prec
+        if g.shape[-1] and bool(self.prior_mask.any()):
+            f = self.features
+            linear = (prior_coef @ (g - self.prior_g0).unsqueeze(-1)).squeeze(-1)
+            log_prior = -2 * (prior_log_scale + linear[..., f:])
+            log_prior = torch.where(self.prior_mask, log_prior, -math.inf)
+            weight = torch.sigmoid(log_prior - pseudo_log_prec)
+            loc = pseudo_loc + weight * (prior_loc + linear[..., :f] - pseudo_loc)
+            log_scale = -0.5 * torch.logaddexp(log_prior, pseudo_log_prec)
         scale = (log_scale + self.clamp * torch.tanh(h / self.clamp)).exp()
         couplings = [condition_all(cast(Transform, t), context) for t in self.couplings]
         return [*couplings, AffineTransform(loc + shift, scale, event_dim=1)]
