@@ -117,7 +117,15 @@ GUIDES: dict[str, Callable[[Callable], Any]] = {
 SUBSAMPLING = ("normal", "hierarchical")
 
 
-def fit(guide: Any, args: tuple, steps: int, particles: int, lr0: float, lr1: float) -> dict:
+def fit(
+    guide: Any,
+    args: tuple,
+    steps: int,
+    particles: int,
+    lr0: float,
+    lr1: float,
+    model: Callable[..., None] = model,
+) -> dict:
     """Train with the protocol; ``time.process_time`` seconds and the step time."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
@@ -138,22 +146,32 @@ def fit(guide: Any, args: tuple, steps: int, particles: int, lr0: float, lr1: fl
     }
 
 
+def funnel_values(out: dict[str, Tensor], num: int) -> dict[str, Tensor]:
+    """The funnel's latents on the unconstrained scale, ``(num, -1)`` each."""
+    return {
+        "mu": out["mu"].reshape(num, -1),
+        "log_tau": out["tau"].reshape(num, -1).log(),
+        "theta": out["theta"].reshape(num, -1),
+    }
+
+
 @torch.no_grad()
-def guide_moments(guide: Any, y: Tensor, s: Tensor, draws: int, chunk: int) -> dict[str, Tensor]:
-    """Means and sds of the guide's ``mu``, ``log tau`` and ``theta`` over all groups, from
-    ``draws`` draws taken ``chunk`` at a time."""
+def guide_moments(
+    guide: Any,
+    args: tuple,
+    values: Callable[[dict[str, Tensor], int], dict[str, Tensor]],
+    draws: int,
+    chunk: int,
+) -> dict[str, Tensor]:
+    """Means and sds of the guide's latents as ``values`` gives them (unconstrained,
+    ``(num, -1)`` each), from ``draws`` draws taken ``chunk`` at a time."""
     sums: dict[str, list[Tensor]] = {}
     done = 0
     while done < draws:
         num = min(chunk, draws - done)
-        with pyro.plate("_draws", num, dim=-2):
-            out = guide(y, s, None)
-        values = {
-            "mu": out["mu"].reshape(num, -1),
-            "log_tau": out["tau"].reshape(num, -1).log(),
-            "theta": out["theta"].reshape(num, -1),
-        }
-        for k, v in values.items():
+        with pyro.plate("_draws", num, dim=-3):
+            out = guide(*args)
+        for k, v in values(out, num).items():
             v = v.double()
             acc = sums.setdefault(k, [torch.zeros(v.shape[1:], dtype=v.dtype)] * 2)
             sums[k] = [acc[0] + v.sum(0), acc[1] + (v**2).sum(0)]
@@ -165,10 +183,15 @@ def guide_moments(guide: Any, y: Tensor, s: Tensor, draws: int, chunk: int) -> d
     return res
 
 
-def errors(truth: dict[str, Tensor], got: dict[str, Tensor]) -> dict[str, float]:
+def errors(
+    truth: dict[str, Tensor],
+    got: dict[str, Tensor],
+    globals_: tuple[str, ...],
+    locals_: tuple[str, ...],
+) -> dict[str, float]:
     """The largest |mean error| / sd and |log sd ratio|, over all latents and the globals."""
     out: dict[str, float] = {}
-    for scope, names in (("all", ("mu", "log_tau", "theta")), ("glob", ("mu", "log_tau"))):
+    for scope, names in (("all", globals_ + locals_), ("glob", globals_)):
         mean = max(
             float(((got[n + "_mean"] - truth[n + "_mean"]).abs() / truth[n + "_sd"]).max())
             for n in names
@@ -185,11 +208,33 @@ def run_one(kind: str, groups: int, batch: int | None, opts: argparse.Namespace)
     y, s = y.to(dtype), s.to(dtype)
     guide = GUIDES[kind](model)
     row: dict[str, Any] = {"G": groups, "B": batch or groups, "guide": kind}
-    row.update(fit(guide, (y, s, batch), opts.steps, opts.particles, opts.lr0, opts.lr1))
-    truth = exact_moments(y.double(), s.double())
-    chunk = max(1, min(opts.draws, 2_000_000 // groups))
-    row.update(errors(truth, guide_moments(guide, y, s, opts.draws, chunk)))
-    return row
+
+    def score() -> dict:
+        out = fit(guide, (y, s, batch), opts.steps, opts.particles, opts.lr0, opts.lr1)
+        truth = exact_moments(y.double(), s.double())
+        chunk = max(1, min(opts.draws, 2_000_000 // groups))
+        got = guide_moments(guide, (y, s, None), funnel_values, opts.draws, chunk)
+        return out | errors(truth, got, ("mu", "log_tau"), ("theta",))
+
+    return row | attempt(score)
+
+
+def attempt(score: Callable[[], dict]) -> dict:
+    """``score()``, or the error that stopped it (a guide that went to NaN is a result)."""
+    try:
+        return score()
+    except (ValueError, RuntimeError) as e:
+        return {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"}
+
+
+def cells(r: dict) -> str:
+    """A row's accuracy, time and size cells, or its failure."""
+    if "failed" in r:
+        return f"failed ({r['failed']}) |" + " |" * 6
+    return (
+        f"{r['mean_all']:.3f} | {r['log_sd_all']:.3f} | {r['mean_glob']:.3f} "
+        f"| {r['log_sd_glob']:.3f} | {r['ms_per_step']:.1f} | {r['cpu_s']:.1f} | {r['params']} |"
+    )
 
 
 def table(rows: list[dict], opts: argparse.Namespace) -> str:
@@ -206,11 +251,7 @@ def table(rows: list[dict], opts: argparse.Namespace) -> str:
         "|" + " --- |" * 10,
     ]
     for r in rows:
-        lines.append(
-            f"| {r['G']} | {r['B']} | {r['guide']} | {r['mean_all']:.3f} | {r['log_sd_all']:.3f} "
-            f"| {r['mean_glob']:.3f} | {r['log_sd_glob']:.3f} | {r['ms_per_step']:.1f} "
-            f"| {r['cpu_s']:.1f} | {r['params']} |"
-        )
+        lines.append(f"| {r['G']} | {r['B']} | {r['guide']} | {cells(r)}")
     return "\n".join(lines) + "\n"
 
 

@@ -62,7 +62,7 @@ def test_start_is_the_exact_conditional_at_other_globals() -> None:
     g = torch.tensor([mu, math.log(tau)])
     params = flow.element_params((), {})
     context = torch.zeros(len(Y), flow.context_dim)
-    layer = flow.transforms(context, g, *params)[-1]
+    layer = flow.transforms([context], g, *params)[-1]
     prec = tau**-2 + S**-2
     mean, sd = (mu * tau**-2 + Y * S**-2) / prec, prec**-0.5
     assert torch.allclose(layer.loc.squeeze(-1), mean, atol=1e-5)

@@ -20,7 +20,6 @@ from pyro_flows_ext.infer.hierarchical_flows import (
     LOCAL_HIDDEN,
     ConditionalSTL,
     LocalFlow,
-    cat_features,
     check_encoders,
     encode,
     global_flow,
@@ -81,12 +80,15 @@ class AutoHierarchicalFlow(AutoGuide):
         local_depth: conditional coupling steps of each local flow (none for ``F = 1``).
         hidden_dims: hidden sizes of the globals' couplings (default
             :func:`~pyro_flows_ext.nn.default_hidden_dims`).
-        local_hidden_dims: hidden sizes of the local networks (default ``(32, 32)``).
+        local_hidden_dims: hidden sizes of the local networks (default ``(16,)``: they run
+            once per element and particle, and the prior-times-pseudo-likelihood layer does
+            most of the work).
         embedding_dim: size of each plate's learned per-element embedding.
         encoders: per-plate feature functions (see above).
         coupling: ``"spline"`` (default) or ``"affine"`` couplings for the globals.
-        init_loc_fn: initial values (:mod:`pyro.infer.autoguide.initialization`); per-element
-            locations start at the mean of the prototype's values of the group.
+        init_loc_fn: initial values (:mod:`pyro.infer.autoguide.initialization`): the
+            globals' flow starts around them, each element's pseudo-likelihood at one Newton
+            step from them (:mod:`~pyro_flows_ext.infer.local_prior`).
         init_scale: initial standard deviation of every latent (unconstrained) that does not
             start at its prior.
         local_prior: use the model's prior of each local given the globals where it is a
@@ -124,7 +126,7 @@ class AutoHierarchicalFlow(AutoGuide):
         self,
         model: Callable[..., Any],
         *,
-        depth: int = 4,
+        depth: int = 2,
         local_depth: int = 2,
         hidden_dims: Sequence[int] | None = None,
         local_hidden_dims: Sequence[int] | None = None,
@@ -243,14 +245,14 @@ class AutoHierarchicalFlow(AutoGuide):
         return dist.TransformedDistribution(base, list(self.global_flow))
 
     def _local_dist(
-        self, i: int, context: Tensor, g: Tensor, indices: dict[str, Tensor]
+        self, i: int, parts: list[Tensor], g: Tensor, indices: dict[str, Tensor]
     ) -> Distribution:
         assert self.structure is not None
         group, flow = self.structure.groups[i], cast(LocalFlow, self.local_flows[i])
         params = flow.element_params(group.plates, indices)
-        batch = torch.broadcast_shapes(context.shape[:-1], params[0].shape[:-1])
+        batch = torch.broadcast_shapes(*(t.shape[:-1] for t in parts), params[0].shape[:-1])
         base = dist.Normal(self._anchor, 1.0).expand(batch + (group.dim,)).to_event(1)
-        transforms = flow.transforms(context, g, *params)
+        transforms = flow.transforms(parts, g, *params)
         return dist.TransformedDistribution(base, transforms)
 
     def _features(self, indices: dict[str, Tensor], args: tuple, kwargs: dict) -> dict[str, Tensor]:
@@ -293,11 +295,10 @@ class AutoHierarchicalFlow(AutoGuide):
             parts += [blocks[j] for j in group.parents] + [feats[p.name] for p in group.plates]
             with scope(group):
                 fresh = not s.global_dim and not group.parents  # no draw in its context yet
-                context = cat_features(parts)
-                q = self._local_dist(i, context, g, indices)
+                q = self._local_dist(i, parts, g, indices)
 
-                def score(i: int = i, c: Tensor = context) -> Distribution:
-                    return self._local_dist(i, c.detach(), g.detach(), indices)
+                def score(i: int = i, c: list[Tensor] = parts) -> Distribution:
+                    return self._local_dist(i, [t.detach() for t in c], g.detach(), indices)
 
                 u = draw(self._aux(group.name), q, fresh, score)
                 values = group.split(u, sizes)

@@ -39,7 +39,7 @@ __all__ = [
     "global_flow",
 ]
 
-LOCAL_HIDDEN = (32, 32)
+LOCAL_HIDDEN = (16,)
 """Default hidden sizes of the local flows' networks (they run once per plate element)."""
 
 
@@ -90,7 +90,7 @@ class LocalFlow(nn.Module):
         >>> prior = LocalPrior(zeros, zeros, torch.zeros(5, 4, 1), no, torch.zeros(1), zeros, prec)
         >>> flow = LocalFlow(2, 3, torch.Size([5]), prior, depth=2)
         >>> params = flow.element_params((), {})
-        >>> ts = flow.transforms(torch.zeros(5, 3), torch.zeros(1), *params)
+        >>> ts = flow.transforms([torch.zeros(5, 3)], torch.zeros(1), *params)
         >>> len(ts), ts[-1](torch.ones(5, 2))[0].tolist()
         (5, [0.5, 0.5])
     """
@@ -159,7 +159,7 @@ class LocalFlow(nn.Module):
 
     def transforms(
         self,
-        context: Tensor,
+        parts: Sequence[Tensor],
         g: Tensor,
         pseudo_loc: Tensor,
         pseudo_log_prec: Tensor,
@@ -167,9 +167,10 @@ class LocalFlow(nn.Module):
         prior_log_scale: Tensor,
         prior_coef: Tensor,
     ) -> list[Transform]:
-        """Base-to-latent transforms for contexts ``(*batch, C)`` and the globals' draw ``g``
-        ``(*batch, D)``, with :meth:`element_params`."""
-        shift, h = self.net(context).chunk(2, dim=-1)
+        """Base-to-latent transforms for the context given as ``parts`` (``(*batch_k, C_k)``
+        that broadcast, concatenated in order: see :func:`cat_features`) and the globals'
+        draw ``g`` ``(*batch, D)``, with :meth:`element_params`."""
+        shift, h = self.net.forward_parts(parts).chunk(2, dim=-1)
         loc, log_scale = pseudo_loc, -0.5 * pseudo_log_prec
         if g.shape[-1] and bool(self.prior_mask.any()):
             f = self.features
@@ -180,7 +181,10 @@ class LocalFlow(nn.Module):
             loc = pseudo_loc + weight * (prior_loc + linear[..., :f] - pseudo_loc)
             log_scale = -0.5 * torch.logaddexp(log_prior, pseudo_log_prec)
         scale = (log_scale + self.clamp * torch.tanh(h / self.clamp)).exp()
-        couplings = [condition_all(cast(Transform, t), context) for t in self.couplings]
+        couplings: list[Transform] = []
+        if len(self.couplings):
+            context = cat_features(parts)
+            couplings = [condition_all(cast(Transform, t), context) for t in self.couplings]
         return [*couplings, AffineTransform(loc + shift, scale, event_dim=1)]
 
 

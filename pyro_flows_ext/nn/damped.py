@@ -94,6 +94,35 @@ class DampedMLP(nn.Module):
                 h = F.relu(h)
         return h
 
+    def forward_parts(self, parts: Sequence[Tensor]) -> Tensor:
+        """The network of the concatenation of ``parts`` (``(*batch_k, F_k)``, batch shapes
+        that broadcast; their sizes sum to ``input_dim + context_dim``), without building it:
+        the first layer is applied to each part at its own batch shape and the results are
+        broadcast-summed, so that a part shared along a batch dim (a plate element's
+        embedding across particles) is not repeated there.
+
+        Example:
+            >>> import torch
+            >>> net = DampedMLP(3, 2, [4])
+            >>> _ = torch.nn.init.normal_(net.layers[-1])
+            >>> a, b = torch.randn(5, 1, 1), torch.randn(1, 7, 2)
+            >>> x = torch.cat([a.expand(5, 7, 1), b.expand(5, 7, 2)], dim=-1)
+            >>> bool(torch.allclose(net.forward_parts([a, b]), net(x), atol=1e-6))
+            True
+        """
+        c = self.lr_scale
+        first, *rest = self.layers
+        h, start = first[:, -1] * c, 0
+        for part in parts:
+            stop = start + part.shape[-1]
+            h = h + F.linear(part, first[:, start:stop] * c)
+            start = stop
+        if start != first.shape[1] - 1:
+            raise ValueError(f"parts have {start} features in all, expected {first.shape[1] - 1}")
+        for weight in rest:
+            h = F.linear(F.relu(h), weight[:, :-1] * c, weight[:, -1] * c)
+        return h
+
     def extra_repr(self) -> str:
         context = f", context_dim={self.context_dim}" if self.context_dim else ""
         return f"lr_scale={self.lr_scale}{context}"
