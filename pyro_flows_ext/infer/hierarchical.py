@@ -3,6 +3,7 @@ many plate elements and to subsampled plates (see :mod:`pyro_flows_ext.infer.pla
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any, cast
@@ -43,7 +44,7 @@ class AutoHierarchicalFlow(AutoGuide):
 
     Sites outside every plate are *global*: their unconstrained values form one vector
     :math:`g \\in \\mathbb{R}^D` (``biject_to`` of each support, as in ``AutoContinuous``),
-    modelled by ``depth`` spline (or affine) couplings with permutations and a final
+    modelled by ``depth`` affine (or spline) couplings with permutations and a final
     :class:`~pyro_flows_ext.transforms.LowerAffine` that starts at
     :math:`\\mathcal N(g_0, \\text{init\\_scale}^2 I)` around the ``init_loc_fn`` point. Sites
     inside plates are *local*, grouped by their set of plates; an element :math:`i` of a group
@@ -59,9 +60,15 @@ class AutoHierarchicalFlow(AutoGuide):
     location and log-scale, ``embedding_dim + 2 F`` numbers per element) are indexed by the
     plate's subsample, so under ``pyro.plate(name, N, subsample_size=B)`` a step computes and
     differentiates only the ``B`` sampled elements (the log densities are scaled by ``N / B``
-    by the plate, as for ``AutoNormal``). A fresh guide is a Gaussian: the globals' around the
-    ``init_loc_fn`` point, and each local at its prior given the globals where that prior is a
-    location-scale family that depends on them (``local_start``), else around its point.
+    by the plate, as for ``AutoNormal``). Those per-element parameters learn at ``B / N`` of
+    the step size: an element is in a step's subsample with probability ``B / N``, and Adam's
+    momentum turns each visit into some thirty steps' worth of movement along that one noisy
+    gradient (zero gradients elsewhere still move a row), which at full rate drove the globals
+    of a 100,000-group funnel subsampled by 1,000 far off (``log tau`` 3 below the truth).
+
+    A fresh guide is a Gaussian: the globals' around the ``init_loc_fn`` point, and each local
+    at its prior given the globals times its pseudo-likelihood start where that prior is a
+    location-scale family that depends on them (``local_prior``), else around its point.
 
     Subsampling: the guide creates the model's plates itself (``pyro.plate(name, N,
     subsample_size=B)`` with the prototype's sizes), and the model's plate reuses its indices.
@@ -85,7 +92,11 @@ class AutoHierarchicalFlow(AutoGuide):
             most of the work).
         embedding_dim: size of each plate's learned per-element embedding.
         encoders: per-plate feature functions (see above).
-        coupling: ``"spline"`` (default) or ``"affine"`` couplings for the globals.
+        coupling: ``"affine"`` (default) or ``"spline"`` couplings for the globals. Splines
+            can bend a marginal, but their outer bins, which hold little posterior mass, drift
+            and fatten the tails: on the 10,000-group funnel the guide's sd of ``mu`` wandered
+            between 1x and 4x the exact one late in training (float32), where affine couplings
+            held it within 3%.
         init_loc_fn: initial values (:mod:`pyro.infer.autoguide.initialization`): the
             globals' flow starts around them, each element's pseudo-likelihood at one Newton
             step from them (:mod:`~pyro_flows_ext.infer.local_prior`).
@@ -132,7 +143,7 @@ class AutoHierarchicalFlow(AutoGuide):
         local_hidden_dims: Sequence[int] | None = None,
         embedding_dim: int = 8,
         encoders: dict[str, Callable[..., Tensor]] | None = None,
-        coupling: str = "spline",
+        coupling: str = "affine",
         init_loc_fn: Callable[..., Any] = init_to_median,
         init_scale: float = 0.1,
         clamp: float = 5.0,
@@ -189,7 +200,7 @@ class AutoHierarchicalFlow(AutoGuide):
         }
         self.embeddings = nn.ParameterDict(
             {
-                n: torch.randn(p.size, self.embedding_dim)
+                n: torch.randn(p.size, self.embedding_dim) / p.rate  # read as rate * raw
                 for n, p in s.plates.items()
                 if n not in widths
             }
@@ -233,7 +244,7 @@ class AutoHierarchicalFlow(AutoGuide):
         hidden = self.local_hidden_dims or LOCAL_HIDDEN
         return LocalFlow(
             group.dim, context, grid, prior, self.local_depth, hidden, self.net_lr_scale,
-            self.clamp,
+            self.clamp, math.prod(p.rate for p in group.plates),
         )  # fmt: skip
 
     # ---------------------------------------------------------------- the flows ---------
@@ -260,12 +271,11 @@ class AutoHierarchicalFlow(AutoGuide):
         assert self.structure is not None
         out = {}
         for name, plate in self.structure.plates.items():
-            table = (
-                encode(self.encoders[name], name, plate.size, args, kwargs)
-                if name in self.encoders
-                else self.embeddings[name]
-            )
-            rows = table.to(self._anchor).index_select(0, indices[name].to(table.device))
+            if name in self.encoders:
+                table, scale = encode(self.encoders[name], name, plate.size, args, kwargs), 1.0
+            else:
+                table, scale = self.embeddings[name], plate.rate
+            rows = table.to(self._anchor).index_select(0, indices[name].to(table.device)) * scale
             out[name] = rows.reshape((len(rows),) + (1,) * (-plate.dim - 1) + rows.shape[-1:])
         return out
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Transform
 from torch.distributions.transforms import AffineTransform
 
-from pyro_flows_ext.checks import positive_int
+from pyro_flows_ext.checks import positive_float, positive_int
 from pyro_flows_ext.infer.guide import SPLINE_BINS
 from pyro_flows_ext.infer.local_prior import LocalPrior
 from pyro_flows_ext.infer.plates import PlateInfo
@@ -80,7 +80,9 @@ class LocalFlow(nn.Module):
     :class:`~pyro_flows_ext.transforms.ConditionalAffineCoupling` s with permutations (only
     for ``F > 1``), for what is not Gaussian. :math:`\\hat y_i, \\lambda_i` (``(*grid, F)``)
     are per-element parameters, or one shared pair when ``grid`` is ``None`` (amortised
-    groups), starting at ``prior``'s pseudo-likelihood start.
+    groups), starting at ``prior``'s pseudo-likelihood start and learning at
+    ``element_lr_scale`` times the step size (the guide sets it to :math:`B / N` for a plate
+    subsampled to ``B`` of ``N`` elements).
 
     Example:
         >>> import torch
@@ -111,6 +113,7 @@ class LocalFlow(nn.Module):
         hidden_dims: Sequence[int] = LOCAL_HIDDEN,
         lr_scale: float = 0.1,
         clamp: float = 5.0,
+        element_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.features = positive_int("features", features)
@@ -126,8 +129,9 @@ class LocalFlow(nn.Module):
         self.per_element = grid is not None
         if not self.per_element:
             prior = prior.pooled()
-        self.pseudo_loc = nn.Parameter(prior.pseudo_loc.detach().clone())
-        self.pseudo_log_prec = nn.Parameter(prior.pseudo_log_prec.detach().clone())
+        self.element_lr_scale = c = positive_float("element_lr_scale", element_lr_scale)
+        self.pseudo_loc_raw = nn.Parameter(prior.pseudo_loc.detach() / c)
+        self.pseudo_log_prec_raw = nn.Parameter(prior.pseudo_log_prec.detach() / c)
         self.register_buffer("prior_loc", prior.loc.detach().clone())
         self.register_buffer("prior_log_scale", prior.log_scale.detach().clone())
         self.register_buffer("prior_coef", prior.coef.detach().clone())
@@ -140,22 +144,33 @@ class LocalFlow(nn.Module):
         net = DampedMLP(part.conditioner_shape[0], out, self.hidden_dims, self.lr_scale, k)
         return ConditionalAffineCoupling(part.event_shape, net, k, "half", parity, clamp=self.clamp)
 
+    @property
+    def pseudo_loc(self) -> Tensor:
+        """:math:`\\hat y` of every element, ``(*grid, F)``."""
+        return self.pseudo_loc_raw * self.element_lr_scale
+
+    @property
+    def pseudo_log_prec(self) -> Tensor:
+        """:math:`\\lambda` of every element, ``(*grid, F)``."""
+        return self.pseudo_log_prec_raw * self.element_lr_scale
+
     def element_params(
         self, plates: Sequence[PlateInfo], indices: dict[str, Tensor]
     ) -> tuple[Tensor, ...]:
         """The per-element pseudo-likelihood and prior tensors at the plates' (subsample)
         ``indices``: only those rows are used, so only they get a gradient."""
-        named: list[Tensor] = [self.pseudo_loc, self.pseudo_log_prec]
+        named: list[Tensor] = [self.pseudo_loc_raw, self.pseudo_log_prec_raw]
         named += [self.prior_loc, self.prior_log_scale]
         params = [*named, self.prior_coef]
         if self.per_element:
             for p in plates:
-                index = indices[p.name].to(self.pseudo_loc.device)
+                index = indices[p.name].to(self.pseudo_loc_raw.device)
                 for k, t in enumerate(params):
                     dim = p.dim - (2 if k == len(named) else 1)
                     if t.shape[dim] != 1:
                         params[k] = t.index_select(dim, index)
-        return tuple(params)
+        c = self.element_lr_scale
+        return (params[0] * c, params[1] * c, *params[2:])
 
     def transforms(
         self,

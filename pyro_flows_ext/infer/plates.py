@@ -36,6 +36,11 @@ class PlateInfo:
     size: int
     subsample_size: int
 
+    @property
+    def rate(self) -> float:
+        """The fraction of the plate's elements a step touches, ``B / N``."""
+        return self.subsample_size / self.size
+
 
 @dataclass
 class SiteLayout:
