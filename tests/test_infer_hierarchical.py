@@ -223,3 +223,14 @@ def test_encoders_amortise_a_plate() -> None:
     assert guide.median(Y)["theta"].shape == (4,)
     with pytest.raises(ValueError, match="encoder of plate 'g'"):
         AutoHierarchicalFlow(hier, encoders={"g": lambda y, b=None: y}).initialize(Y)
+
+
+def test_globals_couplings_are_splines_for_few_elements_affine_for_many() -> None:
+    from pyro_flows_ext.transforms import AffineCoupling, SplineCoupling
+
+    few = AutoHierarchicalFlow(funnel).initialize(torch.zeros(5))
+    many = AutoHierarchicalFlow(funnel).initialize(torch.zeros(AutoHierarchicalFlow.AFFINE_FROM))
+    chosen = AutoHierarchicalFlow(funnel, coupling="affine").initialize(torch.zeros(5))
+    assert isinstance(few.global_flow[0], SplineCoupling)
+    assert isinstance(many.global_flow[0], AffineCoupling)
+    assert isinstance(chosen.global_flow[0], AffineCoupling)
