@@ -100,3 +100,16 @@ def test_reading_the_start_draws_no_random_numbers() -> None:
         starts(funnel, Y, 3, local_prior=local_prior)
         after.append(torch.rand(3))
     assert torch.equal(*after)
+
+
+def test_a_plate_left_of_an_empty_dim_gets_its_start() -> None:
+    def model() -> None:
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("g", 7, dim=-2):
+            theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+            pyro.sample("y", dist.Normal(theta, S[:, None]), obs=Y[:, None])
+
+    _, flow = starts(model)
+    assert flow.pseudo_loc.shape == (7, 1, 1)
+    assert torch.allclose(flow.pseudo_loc.flatten(), Y, atol=1e-5)
+    assert torch.allclose(flow.pseudo_log_prec.flatten(), -2 * S.log(), atol=1e-5)

@@ -134,9 +134,10 @@ def _grid_index(group: PlateGroup, idx: dict[str, Tensor]) -> tuple[Tensor, ...]
     """Advanced indices of ``idx``'s elements in a full ``(*grid, ...)`` tensor."""
     n = group.nesting
     at = {p.dim: idx[p.name] for p in group.plates}
+    device = next(iter(at.values())).device
     out = []
     for j in range(n):
-        ids = at.get(j - n, torch.zeros(1, dtype=torch.long))
+        ids = at.get(j - n, torch.zeros(1, dtype=torch.long, device=device))
         out.append(ids.reshape([-1 if k == j else 1 for k in range(n)]))
     return tuple(out)
 
