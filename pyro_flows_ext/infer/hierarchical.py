@@ -214,7 +214,7 @@ class AutoHierarchicalFlow(AutoGuide):
             }
         )
         widths.update({n: self.embedding_dim for n in self.embeddings})
-        g0 = self._unconstrained_globals()
+        g0 = s.initial_globals(trace)
         self.global_flow = nn.ModuleList(
             global_flow(
                 g0, self.depth, self._global_coupling(), self.hidden_dims,
@@ -222,7 +222,7 @@ class AutoHierarchicalFlow(AutoGuide):
             )
         )  # fmt: skip
         priors = local_priors(
-            self.model, trace, s, self.init_scale, args, kwargs, read=self.local_prior
+            self.model, trace, s, g0, self.init_scale, args, kwargs, read=self.local_prior
         )
         self.local_flows = nn.ModuleList(
             self._local_flow(group, prior, widths)
@@ -237,15 +237,6 @@ class AutoHierarchicalFlow(AutoGuide):
         assert self.structure is not None
         elements = sum(p.size for p in self.structure.plates.values())
         return "affine" if elements >= self.AFFINE_FROM else "spline"
-
-    def _unconstrained_globals(self) -> Tensor:
-        assert self.structure is not None
-        nodes = cast(Any, self.prototype_trace).nodes
-        parts = [
-            site.transform.inv(nodes[site.name]["value"].detach()).reshape(-1)
-            for site in self.structure.global_sites
-        ]
-        return torch.cat(parts) if parts else torch.zeros(0)
 
     def _local_flow(
         self, group: PlateGroup, prior: LocalPrior, widths: dict[str, int]

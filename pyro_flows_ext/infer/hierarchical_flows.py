@@ -136,6 +136,7 @@ class LocalFlow(nn.Module):
         self.register_buffer("prior_log_scale", prior.log_scale.detach().clone())
         self.register_buffer("prior_coef", prior.coef.detach().clone())
         self.register_buffer("prior_mask", prior.mask.clone())
+        self.has_prior = bool(prior.mask.any())  # read per step: no device sync there
         self.register_buffer("prior_g0", prior.g0.detach().clone())
 
     def _coupling(self, part: Partition, parity: int) -> nn.Module:
@@ -187,7 +188,7 @@ class LocalFlow(nn.Module):
         draw ``g`` ``(*batch, D)``, with :meth:`element_params`."""
         shift, h = self.net.forward_parts(parts).chunk(2, dim=-1)
         loc, log_scale = pseudo_loc, -0.5 * pseudo_log_prec
-        if g.shape[-1] and bool(self.prior_mask.any()):
+        if g.shape[-1] and self.has_prior:
             f = self.features
             linear = (prior_coef @ (g - self.prior_g0).unsqueeze(-1)).squeeze(-1)
             log_prior = -2 * (prior_log_scale + linear[..., f:])

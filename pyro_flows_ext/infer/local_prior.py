@@ -146,21 +146,17 @@ def local_priors(
     model: Callable[..., Any],
     trace: Any,
     structure: PlateStructure,
+    g0: Tensor,
     init_scale: float,
     args: tuple,
     kwargs: dict,
     read: bool = True,
 ) -> list[LocalPrior]:
     """Every group's :class:`LocalPrior`, from runs of ``model`` (hidden from enclosing
-    handlers, the random state restored) at the prototype ``trace``'s values; with ``read``
+    handlers, the random state restored) at the prototype ``trace``'s values (``g0``: its
+    unconstrained globals, :meth:`PlateStructure.initial_globals`); with ``read``
     false (or too many runs), the point start: no prior, the pseudo-likelihood at
     ``init_loc_fn``'s values with precision ``init_scale ** -2``."""
-    parts = [
-        s.transform.inv(trace.nodes[s.name]["value"].detach()).reshape(-1)
-        for s in structure.global_sites
-    ]
-    like = next(trace.iter_stochastic_nodes())[1]["value"]
-    g0 = torch.cat(parts) if parts else like.new_zeros(0)
     inits = [group.initial_values(trace).to(g0) for group in structure.groups]
     groups = structure.groups
     out = [_point_start(group, u, g0, init_scale) for group, u in zip(groups, inits, strict=True)]

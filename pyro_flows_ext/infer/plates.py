@@ -158,6 +158,16 @@ class PlateStructure:
     def global_dim(self) -> int:
         return self.global_sites[-1].stop if self.global_sites else 0
 
+    def initial_globals(self, trace: Any) -> Tensor:
+        """The prototype ``trace``'s unconstrained globals ``(D,)``, in its values' dtype and
+        device (empty without globals)."""
+        parts = [
+            site.transform.inv(trace.nodes[site.name]["value"].detach()).reshape(-1)
+            for site in self.global_sites
+        ]
+        like = next(trace.iter_stochastic_nodes())[1]["value"]
+        return torch.cat(parts) if parts else like.new_zeros(0)
+
     def split_globals(self, g: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """``name -> (value, log_density)`` of the global sites from ``g`` ``(*lead, D)``
         (the lead dims right-aligned with each site's batch dims, as ``AutoContinuous``)."""

@@ -85,13 +85,14 @@ class DampedMLP(nn.Module):
                 raise ValueError("this DampedMLP was built with a context_dim and needs a context")
             context = context.expand(x.shape[:-1] + context.shape[-1:])
             x = torch.cat([x, context], dim=-1)
+        first, c = self.layers[0], self.lr_scale
+        return self._after_first(F.linear(x, first[:, :-1] * c, first[:, -1] * c))
+
+    def _after_first(self, h: Tensor) -> Tensor:
+        """The layers after the first, from the first layer's output ``h``."""
         c = self.lr_scale
-        h = x
-        last = len(self.layers) - 1
-        for i, weight in enumerate(self.layers):
-            h = F.linear(h, weight[:, :-1] * c, weight[:, -1] * c)
-            if i < last:
-                h = F.relu(h)
+        for weight in list(self.layers)[1:]:
+            h = F.linear(F.relu(h), weight[:, :-1] * c, weight[:, -1] * c)
         return h
 
     def forward_parts(self, parts: Sequence[Tensor]) -> Tensor:
@@ -110,8 +111,7 @@ class DampedMLP(nn.Module):
             >>> bool(torch.allclose(net.forward_parts([a, b]), net(x), atol=1e-6))
             True
         """
-        c = self.lr_scale
-        first, *rest = self.layers
+        first, c = self.layers[0], self.lr_scale
         h, start = first[:, -1] * c, 0
         for part in parts:
             stop = start + part.shape[-1]
@@ -119,9 +119,7 @@ class DampedMLP(nn.Module):
             start = stop
         if start != first.shape[1] - 1:
             raise ValueError(f"parts have {start} features in all, expected {first.shape[1] - 1}")
-        for weight in rest:
-            h = F.linear(F.relu(h), weight[:, :-1] * c, weight[:, -1] * c)
-        return h
+        return self._after_first(h)
 
     def extra_repr(self) -> str:
         context = f", context_dim={self.context_dim}" if self.context_dim else ""
