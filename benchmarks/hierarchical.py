@@ -255,23 +255,44 @@ def table(rows: list[dict], opts: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--sizes", default="8,100,1000,10000,100000:1000", help="G or G:B, comma separated"
-    )
-    p.add_argument("--guides", default=",".join(GUIDES), help=f"of {', '.join(GUIDES)}")
-    p.add_argument("--steps", type=int, default=3000)
+def protocol_parser(doc: str, guides: dict, steps: int, out: Path) -> argparse.ArgumentParser:
+    """A parser with the options of the fitting protocol shared by the hierarchical
+    benchmarks (guides, steps, particles, step sizes, draws, output file)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--guides", default=",".join(guides), help=f"of {', '.join(guides)}")
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--particles", type=int, default=8)
     p.add_argument("--lr0", type=float, default=5e-2)
     p.add_argument("--lr1", type=float, default=1e-4)
     p.add_argument("--draws", type=int, default=10_000)
-    p.add_argument("--out", type=Path, default=RESULTS / "hierarchical.md")
+    p.add_argument("--out", type=Path, default=out)
+    return p
+
+
+def parse_protocol(
+    p: argparse.ArgumentParser, guides: dict, argv: list[str] | None
+) -> argparse.Namespace:
+    """Parse ``argv``; a usage error for guides not in ``guides``."""
     opts = p.parse_args(argv)
-    unknown = set(opts.guides.split(",")) - set(GUIDES)
+    unknown = set(opts.guides.split(",")) - set(guides)
     if unknown:
-        p.error(f"unknown guides {sorted(unknown)}; choose from {sorted(GUIDES)}")
+        p.error(f"unknown guides {sorted(unknown)}; choose from {sorted(guides)}")
     return opts
+
+
+def write_results(path: Path, title: str, text: str) -> None:
+    """Print ``text`` and write it under the heading ``title`` to ``path``."""
+    print(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {title}\n\n" + text)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = protocol_parser(__doc__, GUIDES, 3000, RESULTS / "hierarchical.md")
+    p.add_argument(
+        "--sizes", default="8,100,1000,10000,100000:1000", help="G or G:B, comma separated"
+    )
+    return parse_protocol(p, GUIDES, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -288,12 +309,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             rows.append(run_one(kind, int(groups), batch, opts))
             print(table(rows[-1:], opts).splitlines()[-1], flush=True)
-    text = table(rows, opts)
-    print(text)
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(
-        "# Hierarchical normal model (funnel): guides against the exact posterior\n\n" + text
-    )
+    title = "Hierarchical normal model (funnel): guides against the exact posterior"
+    write_results(opts.out, title, table(rows, opts))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 import pyro
@@ -37,7 +36,17 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNorm
 from pyro.infer.reparam import LocScaleReparam
 from torch import Tensor
 
-from benchmarks.hierarchical import RESULTS, attempt, cells, errors, fit, guide_moments
+from benchmarks.hierarchical import (
+    RESULTS,
+    attempt,
+    cells,
+    errors,
+    fit,
+    guide_moments,
+    parse_protocol,
+    protocol_parser,
+    write_results,
+)
 from pyro_flows_ext.infer import AutoCouplingFlow, AutoHierarchicalFlow
 
 PER_GROUP = 8
@@ -124,23 +133,12 @@ def table(rows: list[dict], opts: argparse.Namespace, nuts_s: float) -> str:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = protocol_parser(__doc__, GUIDES, 2000, RESULTS / "hierarchical_glm.md")
     p.add_argument("--groups", type=int, default=50)
-    p.add_argument("--guides", default=",".join(GUIDES), help=f"of {', '.join(GUIDES)}")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--particles", type=int, default=8)
-    p.add_argument("--lr0", type=float, default=5e-2)
-    p.add_argument("--lr1", type=float, default=1e-4)
-    p.add_argument("--draws", type=int, default=10_000)
     p.add_argument("--chains", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1000)
     p.add_argument("--samples", type=int, default=4000)
-    p.add_argument("--out", type=Path, default=RESULTS / "hierarchical_glm.md")
-    opts = p.parse_args(argv)
-    unknown = set(opts.guides.split(",")) - set(GUIDES)
-    if unknown:
-        p.error(f"unknown guides {sorted(unknown)}; choose from {sorted(GUIDES)}")
-    return opts
+    return parse_protocol(p, GUIDES, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,10 +159,8 @@ def main(argv: list[str] | None = None) -> None:
 
         rows.append({"guide": kind} | attempt(score))
         print(table(rows[-1:], opts, nuts_s).splitlines()[-1], flush=True)
-    text = table(rows, opts, nuts_s)
-    print(text)
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text("# Hierarchical logistic regression: guides against NUTS\n\n" + text)
+    title = "Hierarchical logistic regression: guides against NUTS"
+    write_results(opts.out, title, table(rows, opts, nuts_s))
 
 
 if __name__ == "__main__":
