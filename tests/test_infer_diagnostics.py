@@ -22,8 +22,8 @@ from pyro_flows_ext.infer import (
     psis_khat,
     to_inference_data,
 )
-from pyro_flows_ext.infer.pareto import _arviz
-from pyro_flows_ext.infer.plots import flatten_components
+from pyro_flows_ext.infer.diagnostics.pareto import _arviz
+from pyro_flows_ext.infer.diagnostics.plots import flatten_components
 
 matplotlib.use("Agg")
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pyro_flows_ext.infer import AutoCouplingFlow, laplace_approximation
-from pyro_flows_ext.infer._traces import PromoteToFloat64
-from pyro_flows_ext.infer.start import LogJoint
+from pyro_flows_ext.infer.traces import PromoteToFloat64
+from pyro_flows_ext.infer.vector.start import LogJoint
 
 SEEDS = range(4)
 

@@ -18,7 +18,7 @@ from pyro_flows_ext.infer import (
     StickingTheLanding,
     laplace_approximation,
 )
-from pyro_flows_ext.infer.laplace import precision_to_scale_tril
+from pyro_flows_ext.infer.vector.laplace import precision_to_scale_tril
 from pyro_flows_ext.nn import DampedMLP
 from pyro_flows_ext.transforms import (
     ActNorm,

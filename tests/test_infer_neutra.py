@@ -126,7 +126,7 @@ def test_one_pass_reparam_matches_pyros_neutra() -> None:
     from pyro import poutine
     from pyro.infer.reparam import NeuTraReparam
 
-    from pyro_flows_ext.infer.neutra import _OnePassNeuTra
+    from pyro_flows_ext.infer.fitting.neutra import _OnePassNeuTra
 
     guide = fitted(constrained, steps=5, init="loc", depth=2)
     z = torch.randn(7)

@@ -11,7 +11,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_flows_ext.infer import AutoCouplingFlow
-from pyro_flows_ext.infer.stack import (
+from pyro_flows_ext.infer.vector.steps import (
     FULL_RANK_MAX_DIM,
     MAX_WIDTH,
     guide_hidden_dims,

@@ -11,7 +11,7 @@ import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO
 
 from pyro_flows_ext.infer import AutoCouplingFlow, psis_khat
-from pyro_flows_ext.infer.tails import DF_INIT, DF_MAX, StudentTBase
+from pyro_flows_ext.infer.vector.tails import DF_INIT, DF_MAX, StudentTBase
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ For one package the directive writes, as reStructuredText parsed in place:
 So a name added to ``__all__`` appears in the docs without editing them, and a name in
 ``__all__`` that the package lacks, or a package that does not import, fails the build. A
 ``missing-reference`` handler makes docstring references that name the defining submodule
-(``pyro_flows_ext.infer.laplace.laplace_approximation``) or a bare unique name (``Flow``)
+(``pyro_flows_ext.infer.vector.laplace.laplace_approximation``) or a bare unique name (``Flow``)
 point to the public entry.
 
 Options:
@@ -156,7 +156,7 @@ def resolve_public_name(
     app: Sphinx, env: Any, node: addnodes.pending_xref, contnode: nodes.TextElement
 ) -> nodes.reference | None:
     """Resolve a Python cross-reference that Sphinx could not resolve by itself to the public
-    name it means: ``pyro_flows_ext.infer.laplace.laplace_approximation`` (a docstring naming
+    name it means: ``pyro_flows_ext.infer.vector.laplace.laplace_approximation`` (a docstring naming
     the defining module) to ``pyro_flows_ext.infer.laplace_approximation``, and a bare ``Flow``
     to the one documented object whose name ends in ``.Flow``. Ambiguous names stay
     unresolved (plain text), as Sphinx would leave them."""

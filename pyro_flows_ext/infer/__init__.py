@@ -12,7 +12,7 @@
 * :func:`fit_guide`: fit any guide by SVI with the recommended protocol, in one call;
 * :func:`laplace_approximation`: mode and inverse-Hessian factor of a log density;
 * :func:`to_inference_data`, :func:`psis_khat`, :func:`importance_resample`: ArviZ
-  diagnostics of any guide (:mod:`pyro_flows_ext.infer.diagnostics`);
+  diagnostics of any guide (:mod:`pyro_flows_ext.infer.diagnostics.inference_data`);
 * :func:`neutra_mcmc`: NeuTra HMC, exact NUTS in the space a fitted guide whitens;
 * :func:`plot_pairs`: pair plot of guide draws against reference draws.
 
@@ -23,19 +23,33 @@ The guides compose layers of :mod:`pyro_flows_ext.transforms` (couplings,
 :mod:`pyro_flows_ext.nn` (:class:`~pyro_flows_ext.nn.DampedMLP`).
 """
 
-from pyro_flows_ext.infer.amortized import AutoConditionalCouplingFlow
-from pyro_flows_ext.infer.diagnostics import importance_resample, psis_khat, to_inference_data
-from pyro_flows_ext.infer.fitting import FitHistory, NonFiniteLossError, fit_guide
-from pyro_flows_ext.infer.guide import AutoCouplingFlow
-from pyro_flows_ext.infer.hierarchical import AutoHierarchicalFlow
-from pyro_flows_ext.infer.hierarchical_flows import LocalFlow
-from pyro_flows_ext.infer.importance import ImportanceDraws, importance_draws
-from pyro_flows_ext.infer.laplace import LaplaceResult, laplace_approximation
-from pyro_flows_ext.infer.neutra import NeuTraDraws, neutra_mcmc
-from pyro_flows_ext.infer.pareto import ParetoK, khat_threshold, khat_verdict
-from pyro_flows_ext.infer.plots import plot_pairs
+from pyro_flows_ext.infer.diagnostics import (
+    ImportanceDraws,
+    ParetoK,
+    importance_draws,
+    importance_resample,
+    khat_threshold,
+    khat_verdict,
+    plot_pairs,
+    psis_khat,
+    to_inference_data,
+)
+from pyro_flows_ext.infer.fitting import (
+    FitHistory,
+    NeuTraDraws,
+    NonFiniteLossError,
+    fit_guide,
+    neutra_mcmc,
+)
+from pyro_flows_ext.infer.hierarchical import AutoHierarchicalFlow, LocalFlow
 from pyro_flows_ext.infer.stl import StickingTheLanding
-from pyro_flows_ext.infer.tails import StudentTBase
+from pyro_flows_ext.infer.vector import (
+    AutoConditionalCouplingFlow,
+    AutoCouplingFlow,
+    LaplaceResult,
+    StudentTBase,
+    laplace_approximation,
+)
 
 __all__ = [
     "AutoConditionalCouplingFlow",

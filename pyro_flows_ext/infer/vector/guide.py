@@ -15,8 +15,10 @@ from torch.distributions import Transform
 from torch.distributions.transforms import ComposeTransform
 
 from pyro_flows_ext.checks import check_bool, hidden_sizes, one_of, positive_float, positive_int
-from pyro_flows_ext.infer.laplace import ModeSearch
-from pyro_flows_ext.infer.stack import (
+from pyro_flows_ext.infer.stl import StickingTheLanding
+from pyro_flows_ext.infer.vector.laplace import ModeSearch
+from pyro_flows_ext.infer.vector.start import LogJoint, gaussian_start
+from pyro_flows_ext.infer.vector.steps import (
     AFFINES,
     FULL_RANK_MAX_DIM,
     coupling_steps,
@@ -24,10 +26,8 @@ from pyro_flows_ext.infer.stack import (
     guide_hidden_dims,
     resolve_affine,
 )
-from pyro_flows_ext.infer.start import LogJoint, gaussian_start
-from pyro_flows_ext.infer.stl import StickingTheLanding
-from pyro_flows_ext.infer.summaries import FlowSummaries
-from pyro_flows_ext.infer.tails import BASES, StudentTBase
+from pyro_flows_ext.infer.vector.summaries import FlowSummaries
+from pyro_flows_ext.infer.vector.tails import BASES, StudentTBase
 from pyro_flows_ext.nn import DampedMLP, damp_parameters_
 from pyro_flows_ext.transforms import (
     ActNorm,
@@ -84,7 +84,7 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
       standard normal. The Laplace Gaussian is not always a good start (a funnel's mode is at
       its neck; a mode in the tail of a skewed posterior gives too wide a Gaussian), so it
       competes by estimated ELBO with half its scale and with the ``"loc"`` start at scales
-      ``init_scale`` and 1 (:func:`~pyro_flows_ext.infer.start.gaussian_start`);
+      ``init_scale`` and 1 (:func:`~pyro_flows_ext.infer.vector.start.gaussian_start`);
       :attr:`init_info` says which won and why.
     * ``init="loc"``: ``c`` is the ``init_loc_fn`` point, ``P = I``, ``B_0 = init_scale * I``:
       a diagonal Gaussian like a fresh ``AutoNormal``. Use it when the model subsamples data
@@ -116,7 +116,7 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
         depth: flow steps ``K`` (0 gives the Gaussian ``N(loc, L L^T)``); with a single
             latent dimension there is nothing to couple and the guide is Gaussian.
         hidden_dims: hidden sizes of each coupling's MLP (default
-            :func:`~pyro_flows_ext.infer.stack.guide_hidden_dims` of its input: two layers of
+            :func:`~pyro_flows_ext.infer.vector.steps.guide_hidden_dims` of its input: two layers of
             ``max(64, 2 * D)`` units, at most 256, so the parameters grow linearly in ``D``).
         mixing: ``"permute"`` (fixed random permutation) or ``"lu"`` (learned invertible
             linear map, trained at ``net_lr_scale`` times the step size; in the posteriordb
@@ -146,7 +146,7 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
         init_elbo_samples: draws per candidate start behind the ELBO estimates.
         base: ``"studentt"`` (default: independent Student-t coordinates with degrees of
             freedom learned per dimension in ``(1, 50)``, starting at 30,
-            :class:`~pyro_flows_ext.infer.tails.StudentTBase`) or ``"normal"``
+            :class:`~pyro_flows_ext.infer.vector.tails.StudentTBase`) or ``"normal"``
             (:math:`\\epsilon \\sim \\mathcal N(0, I)`). A flow keeps its base's tails, and
             where the posterior's are heavier than Gaussian (the log residual scale of a
             regression) a Gaussian base left PSIS :math:`\\hat k` above 0.7 on 6 of the 16
@@ -158,7 +158,7 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
             :class:`~pyro_flows_ext.transforms.LowerAffine`, ``D^2`` parameters), ``"lowrank"``
             (diagonal plus rank ``rank``, :class:`~pyro_flows_ext.transforms.LowRankAffine`) or
             ``"auto"``: full up to ``D = 1024`` features
-            (:data:`~pyro_flows_ext.infer.stack.FULL_RANK_MAX_DIM`), low rank above. Above
+            (:data:`~pyro_flows_ext.infer.vector.steps.FULL_RANK_MAX_DIM`), low rank above. Above
             that size ``init="laplace"`` starts as ``"loc"`` (the ``D x D`` Hessian is not
             computed) and :attr:`init_info` says so.
         rank: the rank of the low-rank layer (default ``round(sqrt(D))``); an error with
@@ -227,8 +227,8 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
             raise ValueError("rank applies to the low-rank affine layer, got affine='full'")
         self.init_info: dict[str, Any] = {}
         """How the guide was initialised (see
-        :class:`~pyro_flows_ext.infer.start.GaussianStart`): ``method``, the ELBO estimates of
-        the candidate starts, the Laplace result."""
+        :class:`~pyro_flows_ext.infer.vector.start.GaussianStart`): ``method``, the ELBO
+        estimates of the candidate starts, the Laplace result."""
         self._raw_model = (model,)
         super().__init__(model, init_loc_fn=init_loc_fn)
 

@@ -1,5 +1,6 @@
 """ArviZ diagnostics of a guide against its model: PSIS :math:`\\hat k`, importance
-resampling and ``InferenceData`` (see :mod:`pyro_flows_ext.infer.importance` for the weights).
+resampling and ``InferenceData`` (see :mod:`pyro_flows_ext.infer.diagnostics.importance` for
+the weights).
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ from pyro import poutine
 from torch import Tensor
 
 from pyro_flows_ext.checks import check_bool, positive_int
-from pyro_flows_ext.infer.importance import ImportanceDraws, _as_draws, _value, importance_draws
-from pyro_flows_ext.infer.pareto import ParetoK, _arviz
+from pyro_flows_ext.infer.diagnostics.importance import (
+    ImportanceDraws,
+    _as_draws,
+    _value,
+    importance_draws,
+)
+from pyro_flows_ext.infer.diagnostics.pareto import ParetoK, _arviz
 
 __all__ = ["importance_resample", "psis_khat", "to_inference_data"]
 

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.distributions import ComposeTransform, Transform
 
 from pyro_flows_ext.checks import check_bool, positive_float, positive_int
-from pyro_flows_ext.infer._traces import vectorised_or_looped
+from pyro_flows_ext.infer.traces import vectorised_or_looped
 
 __all__ = ["NeuTraDraws", "neutra_mcmc"]
 

@@ -261,7 +261,7 @@ def laplace_approximation(log_density: LogDensity, init: Tensor, **options: Any)
         log_density: maps a vector ``(D,)`` to a scalar tensor, differentiable twice.
         init: starting point ``(D,)``; its dtype and device are used throughout (use float64
             for badly conditioned problems: a float32 search stops at float32's resolution;
-            :func:`~pyro_flows_ext.infer.start.gaussian_start` searches in float64).
+            :func:`~pyro_flows_ext.infer.vector.start.gaussian_start` searches in float64).
         options: options of the mode search: ``max_iter``, ``newton_steps``, ``tol``,
             ``eig_floor`` (see :class:`ModeSearch`).
 

@@ -17,7 +17,7 @@ where :math:`\\log p(x, u)` includes the log-Jacobian of the constraining transf
   :math:`s` = ``init_scale`` and :math:`s = 1`.
 
 All of this runs in float64 whatever the guide's dtype: a float32 model is evaluated on float64
-latents under :class:`~pyro_flows_ext.infer._traces.PromoteToFloat64` (its float32 data and
+latents under :class:`~pyro_flows_ext.infer.traces.PromoteToFloat64` (its float32 data and
 parameters are promoted where they meet the latents), and the chosen start is cast back to the
 guide's dtype. In float32 the mode search cannot resolve a badly scaled posterior (regression
 coefficients with sd ``1e-3``: the Newton decrement never falls below the tolerance, and the
@@ -44,7 +44,7 @@ from pyro import poutine
 from torch import Tensor
 from torch.distributions import biject_to
 
-from pyro_flows_ext.infer._traces import (
+from pyro_flows_ext.infer.traces import (
     VECTORISE_ERRORS,
     PromoteToFloat64,
     check_vectorised,
@@ -53,7 +53,7 @@ from pyro_flows_ext.infer._traces import (
     per_particle_log_prob,
     vectorised_or_looped,
 )
-from pyro_flows_ext.infer.laplace import LaplaceResult, laplace_approximation
+from pyro_flows_ext.infer.vector.laplace import LaplaceResult, laplace_approximation
 
 __all__ = ["GaussianStart", "LogJoint", "gaussian_start"]
 
@@ -220,10 +220,11 @@ def gaussian_start(
     :math:`\\mathcal N(u_0, s^2 I)` with :math:`s` = ``init_scale``.
 
     ``info`` holds ``method`` (``"laplace"``, ``"laplace/2"``, ``"loc"`` or ``"loc/unit"``),
-    ``elbo`` (every candidate's estimate), the :class:`~pyro_flows_ext.infer.laplace.LaplaceResult`
-    as ``laplace`` (in ``init_loc``'s dtype), a ``reason`` when the Laplace approximation was
-    not a candidate, and ``dtype``: ``"float64"``, or why the start was computed in the
-    model's own dtype (see the module docstring). The start has ``init_loc``'s dtype.
+    ``elbo`` (every candidate's estimate), the
+    :class:`~pyro_flows_ext.infer.vector.laplace.LaplaceResult` as ``laplace`` (in
+    ``init_loc``'s dtype), a ``reason`` when the Laplace approximation was not a candidate,
+    and ``dtype``: ``"float64"``, or why the start was computed in the model's own dtype
+    (see the module docstring). The start has ``init_loc``'s dtype.
     """
     if not laplace:
         return GaussianStart(init_loc, None, init_scale, {"method": "loc", "reason": "init='loc'"})

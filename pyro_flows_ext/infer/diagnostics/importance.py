@@ -15,7 +15,8 @@ distribution to the largest weights; its shape :math:`\\hat k` says how far the 
 the posterior (Yao et al. 2018): below 0.5 the guide is good, between 0.5 and the threshold
 :math:`\\min(1 - 1/\\log_{10} S, 0.7)` for ``S`` draws (Vehtari et al. 2024) it is usable with
 PSIS-corrected estimates, above it do not trust it. :math:`\\hat k` is itself a Monte Carlo
-estimate: :class:`~pyro_flows_ext.infer.pareto.ParetoK` carries its bootstrap spread, and
+estimate: :class:`~pyro_flows_ext.infer.diagnostics.pareto.ParetoK` carries its bootstrap
+spread, and
 reads ``"uncertain"`` when that spread straddles the threshold. A small :math:`\\hat k` can
 still hide a guide that misses a region the posterior puts mass on (the weights only see where q
 samples): compare with reference draws when you have them.
@@ -36,13 +37,13 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from pyro_flows_ext.checks import check_bool, positive_int
-from pyro_flows_ext.infer._traces import (
+from pyro_flows_ext.infer.diagnostics.pareto import ParetoK, pareto_smooth
+from pyro_flows_ext.infer.traces import (
     check_vectorised,
     particle_dim,
     per_particle_log_prob,
     vectorised_or_looped,
 )
-from pyro_flows_ext.infer.pareto import ParetoK, pareto_smooth
 
 __all__ = ["ImportanceDraws", "importance_draws"]
 

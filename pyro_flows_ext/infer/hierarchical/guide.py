@@ -1,5 +1,6 @@
 """``AutoHierarchicalFlow``: a flow guide that follows a model's plates, so that it scales to
-many plate elements and to subsampled plates (see :mod:`pyro_flows_ext.infer.plates`)."""
+many plate elements and to subsampled plates (see
+:mod:`pyro_flows_ext.infer.hierarchical.plates`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from pyro_flows_ext.checks import check_bool, hidden_sizes, one_of, positive_float, positive_int
-from pyro_flows_ext.infer.hierarchical_flows import (
+from pyro_flows_ext.infer.hierarchical.local_flow import (
     LOCAL_HIDDEN,
     ConditionalSTL,
     LocalFlow,
@@ -25,8 +26,8 @@ from pyro_flows_ext.infer.hierarchical_flows import (
     encode,
     global_flow,
 )
-from pyro_flows_ext.infer.local_prior import LocalPrior, local_priors
-from pyro_flows_ext.infer.plates import PlateGroup, PlateStructure, plate_structure
+from pyro_flows_ext.infer.hierarchical.local_prior import LocalPrior, local_priors
+from pyro_flows_ext.infer.hierarchical.plates import PlateGroup, PlateStructure, plate_structure
 from pyro_flows_ext.infer.stl import StickingTheLanding
 from pyro_flows_ext.transforms import LowerAffine
 from pyro_flows_ext.transforms.kinds import COUPLINGS
@@ -103,17 +104,17 @@ class AutoHierarchicalFlow(AutoGuide):
             in training, where affine couplings held it within 3%).
         init_loc_fn: initial values (:mod:`pyro.infer.autoguide.initialization`): the
             globals' flow starts around them, each element's pseudo-likelihood at one Newton
-            step from them (:mod:`~pyro_flows_ext.infer.local_prior`).
+            step from them (:mod:`~pyro_flows_ext.infer.hierarchical.local_prior`).
         init_scale: initial standard deviation of every latent (unconstrained) that does not
             start at its prior.
         local_prior: use the model's prior of each local given the globals where it is a
             location-scale family that depends on them (``theta ~ Normal(mu, tau)``): the
             local flow is then that prior times a learned Gaussian pseudo-likelihood per
-            element (:class:`~pyro_flows_ext.infer.hierarchical_flows.LocalFlow`), exact for
+            element (:class:`~pyro_flows_ext.infer.hierarchical.local_flow.LocalFlow`), exact for
             normal-normal models at every point of their funnel. ``False``: a learned
             Gaussian per element whatever the globals (plus the shared network).
         stl: sticking-the-landing gradient (:class:`~pyro_flows_ext.infer.StickingTheLanding`
-            for the globals, :class:`~pyro_flows_ext.infer.hierarchical_flows.ConditionalSTL`
+            for the globals, :class:`~pyro_flows_ext.infer.hierarchical.local_flow.ConditionalSTL`
             for the locals). Off by default: on the radon model of tutorial 5 it trained to a
             far worse ELBO than the plain gradient (an open question).
         create_plates: as for every Pyro autoguide.

@@ -13,11 +13,11 @@ from torch.distributions import Distribution, Transform
 from torch.distributions.transforms import AffineTransform
 
 from pyro_flows_ext.checks import positive_float, positive_int
-from pyro_flows_ext.infer.guide import SPLINE_BINS
-from pyro_flows_ext.infer.local_prior import LocalPrior
-from pyro_flows_ext.infer.plates import PlateInfo
-from pyro_flows_ext.infer.stack import coupling_steps
+from pyro_flows_ext.infer.hierarchical.local_prior import LocalPrior
+from pyro_flows_ext.infer.hierarchical.plates import PlateInfo
 from pyro_flows_ext.infer.stl import StickingTheLanding
+from pyro_flows_ext.infer.vector.guide import SPLINE_BINS
+from pyro_flows_ext.infer.vector.steps import coupling_steps
 from pyro_flows_ext.nn import DampedMLP, default_hidden_dims
 from pyro_flows_ext.transforms import (
     AffineCoupling,
@@ -64,7 +64,7 @@ class LocalFlow(nn.Module):
 
     where :math:`\\mathcal N(\\mu_i(g), \\sigma_i(g)^2)` is the model's prior of the local
     given the globals, :math:`\\mathcal N(m(g), e^{2 s(g)})` (a
-    :class:`~pyro_flows_ext.infer.local_prior.LocalPrior`), times a learned per-element
+    :class:`~pyro_flows_ext.infer.hierarchical.local_prior.LocalPrior`), times a learned per-element
     Gaussian pseudo-likelihood :math:`\\mathcal N(\\hat y_i, e^{-\\lambda_i})`, featurewise:
 
     .. math::
@@ -86,7 +86,7 @@ class LocalFlow(nn.Module):
 
     Example:
         >>> import torch
-        >>> from pyro_flows_ext.infer.local_prior import LocalPrior
+        >>> from pyro_flows_ext.infer.hierarchical.local_prior import LocalPrior
         >>> zeros, no = torch.zeros(5, 2), torch.zeros(2, dtype=torch.bool)
         >>> prec = torch.full((5, 2), 4.0).log()  # scale 0.5
         >>> prior = LocalPrior(zeros, zeros, torch.zeros(5, 4, 1), no, torch.zeros(1), zeros, prec)

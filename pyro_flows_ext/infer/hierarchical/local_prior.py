@@ -37,7 +37,7 @@ from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDi
 from torch import Tensor
 from torch.distributions import Distribution, Independent
 
-from pyro_flows_ext.infer.plates import PlateGroup, PlateStructure
+from pyro_flows_ext.infer.hierarchical.plates import PlateGroup, PlateStructure
 
 __all__ = ["LocalPrior", "local_priors"]
 

@@ -157,7 +157,7 @@ class PromoteToFloat64(TorchFunctionMode):
     ``x.type_as(data)`` keep a float64 ``x``); operations on constants alone, attribute
     access and in-place operations run unchanged. Conditioning a float32 model on float64
     latents under this mode evaluates its log density in float64 (see
-    :class:`~pyro_flows_ext.infer.start.LogJoint`).
+    :class:`~pyro_flows_ext.infer.vector.start.LogJoint`).
 
     Example:
         >>> data = torch.tensor([1.0, 2.0])  # float32

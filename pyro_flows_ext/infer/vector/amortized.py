@@ -10,7 +10,7 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform
 
-from pyro_flows_ext.infer.guide import SPLINE_BINS, AutoCouplingFlow
+from pyro_flows_ext.infer.vector.guide import SPLINE_BINS, AutoCouplingFlow
 from pyro_flows_ext.transforms import (
     ConditionalAffineCoupling,
     ConditionalShift,
