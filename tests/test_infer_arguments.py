@@ -25,7 +25,7 @@ from pyro_flows_ext.infer import (
     to_inference_data,
 )
 from pyro_flows_ext.nn import DampedMLP, damp_parameters_
-from pyro_flows_ext.transforms import ConditionalShift, LowerAffine, PermuteTransform
+from pyro_flows_ext.transforms import AffineMap, ConditionalShift, LowerAffine, PermuteTransform
 
 
 def forbidden(*args: Any, **kwargs: Any) -> None:
@@ -75,11 +75,10 @@ CASES: dict[str, tuple[Callable[[], Any], type[Exception], str]] = {
     "guide-init-scale-zero": (flow(init_scale=0.0), ValueError, "init_scale"),
     "guide-init-scale-inf": (flow(init_scale=math.inf), ValueError, "init_scale"),
     "guide-init-scale-string": (flow(init_scale="big"), TypeError, "init_scale"),
-    "guide-scale-unknown": (flow(scale="tanh"), ValueError, "scale"),
+    "guide-coupling-map": (flow(coupling=AffineMap), TypeError, "coupling"),
     "guide-coupling-unknown": (flow(coupling="maf"), ValueError, "coupling"),
-    "guide-clamp-negative": (flow(clamp=-1.0), ValueError, "clamp"),
     "guide-stl-string": (flow(stl="yes"), TypeError, "stl"),
-    "guide-net-lr-scale-zero": (flow(net_lr_scale=0.0), ValueError, "net_lr_scale"),
+    "guide-lr-scale-zero": (flow(lr_scale=0.0), ValueError, "lr_scale"),
     "guide-laplace-options-list": (flow(laplace_options=[1]), TypeError, "laplace_options"),
     "guide-laplace-options-unknown": (
         flow(laplace_options={"tolerance": 1e-6}),

@@ -14,10 +14,9 @@ from pyro_flows_ext.infer import AutoCouplingFlow
 from pyro_flows_ext.infer.vector.steps import (
     FULL_RANK_MAX_DIM,
     MAX_WIDTH,
-    guide_hidden_dims,
     resolve_affine,
 )
-from pyro_flows_ext.nn import DampedMLP
+from pyro_flows_ext.nn import DampedMLP, default_hidden_dims
 from pyro_flows_ext.transforms import LowerAffine, LowRankAffine
 
 
@@ -118,9 +117,9 @@ def test_lower_affine_passes_match_its_factor() -> None:
 
 # ------------------------------------------------------------------ guide sizing ---------
 def test_hidden_widths_are_capped() -> None:
-    assert guide_hidden_dims(10) == (64, 64)
-    assert guide_hidden_dims(50) == (200, 200)
-    assert guide_hidden_dims(5000) == (MAX_WIDTH, MAX_WIDTH)
+    assert default_hidden_dims(10, MAX_WIDTH) == (64, 64)
+    assert default_hidden_dims(50, MAX_WIDTH) == (200, 200)
+    assert default_hidden_dims(5000, MAX_WIDTH) == (MAX_WIDTH, MAX_WIDTH)
     assert resolve_affine("auto", FULL_RANK_MAX_DIM) == "full"
     assert resolve_affine("auto", FULL_RANK_MAX_DIM + 1) == "lowrank"
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from pyro_flows_ext.transforms import (
-    SplineCoupling,
+    Coupling,
+    SplineMap,
     rational_quadratic_spline,
     spline_coupling,
 )
@@ -17,7 +18,7 @@ DTYPES = {"float32": (torch.float32, 1e-4), "float64": (torch.float64, 1e-10)}
 SHAPES = {"vector": 6, "image": (2, 4, 4)}
 
 
-def _random_spline(shape, dtype: torch.dtype, seed: int = 0, **kwargs) -> SplineCoupling:
+def _random_spline(shape, dtype: torch.dtype, seed: int = 0, **kwargs) -> Coupling:
     torch.manual_seed(seed)
     hidden = {"hidden_dims": [16]} if isinstance(shape, int) else {"hidden_channels": 4}
     t = spline_coupling(shape, **hidden, **kwargs).to(dtype)
@@ -51,7 +52,7 @@ def test_identity_at_initialisation(shape, dtype_name):
                                atol=tol, rtol=0)  # fmt: skip
 
 
-def _transformed_positions(t: SplineCoupling, x: torch.Tensor) -> torch.Tensor:
+def _transformed_positions(t: Coupling, x: torch.Tensor) -> torch.Tensor:
     """A boolean tensor like ``x``: True where the coupling transforms (not conditions)."""
     zeros = torch.zeros_like(x)
     a, b = t.partition.split(zeros)
@@ -158,5 +159,5 @@ def test_bad_arguments(kwargs, error, match):
 
 def test_is_a_coupling_module_with_a_swappable_network():
     net = nn.Linear(2, 2 * (3 * 4 - 1))
-    t = SplineCoupling(4, net, bins=4)
+    t = Coupling(4, SplineMap(bins=4), net)
     assert t(torch.randn(3, 4)).shape == (3, 4)

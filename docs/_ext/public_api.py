@@ -7,7 +7,7 @@ For one package the directive writes, as reStructuredText parsed in place:
 * one section per submodule that defines public names (the submodule's docstring, its first
   paragraph as the title), then an ``autoclass``/``autoexception``/``autofunction``/
   ``autodata`` entry for each of those names in source order. Names are documented under the
-  package's path (``pyro_flows_ext.transforms.AffineCoupling``), which is how users import them.
+  package's path (``pyro_flows_ext.transforms.Coupling``), which is how users import them.
 
 So a name added to ``__all__`` appears in the docs without editing them, and a name in
 ``__all__`` that the package lacks, or a package that does not import, fails the build. A

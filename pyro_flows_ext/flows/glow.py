@@ -22,8 +22,8 @@ from pyro_flows_ext.flows._common import (
 from pyro_flows_ext.flows.flow import Flow
 from pyro_flows_ext.nn import HIDDEN_CHANNELS
 from pyro_flows_ext.transforms import SplitPrior, glow_step, top_prior
-from pyro_flows_ext.transforms.coupling import SCALES
-from pyro_flows_ext.transforms.kinds import COUPLINGS
+from pyro_flows_ext.transforms.kinds import coupling_kind
+from pyro_flows_ext.transforms.maps import SCALES
 
 __all__ = ["glow"]
 
@@ -64,9 +64,10 @@ def glow(
     conditioner (``hidden_dims``, default :func:`~pyro_flows_ext.nn.default_hidden_dims`:
     two layers of ``max(64, 2D)``); ``levels`` must be ``None`` or 1.
 
-    ``coupling="spline"`` puts a rational-quadratic
-    :class:`~pyro_flows_ext.transforms.SplineCoupling` (8 bins on ``[-3, 3]``, identity tails)
-    in every step instead of the affine coupling (``scale`` is then unused).
+    ``coupling="spline"`` puts a rational-quadratic spline
+    (:class:`~pyro_flows_ext.transforms.SplineMap`: 8 bins on ``[-3, 3]``, identity tails) in
+    every step's coupling instead of the affine map (``scale`` is then unused); any kind of
+    :data:`~pyro_flows_ext.transforms.COUPLINGS` may be named.
 
     ``context_dim=K`` makes a conditional model ``p(x | c)``: every coupling's network also
     sees a context ``c`` of size ``K`` (see :class:`~pyro_flows_ext.flows.Flow`).
@@ -94,7 +95,7 @@ def glow(
         "learn_top": check_bool("learn_top", learn_top),
         "lu": check_bool("lu", lu),
         "scale": one_of("scale", scale, SCALES),
-        "coupling": one_of("coupling", coupling, COUPLINGS),
+        "coupling": coupling_kind(coupling),
         "context_dim": positive_int("context_dim", context_dim, minimum=0),
     }
 
@@ -102,10 +103,10 @@ def glow(
         return [
             glow_step(
                 s,
-                dims,
-                hidden_channels,
-                lu,
-                scale,
+                hidden_dims=dims,
+                hidden_channels=hidden_channels,
+                lu=lu,
+                scale=scale,
                 parity=i % 2,
                 coupling=coupling,
                 context_dim=context_dim,

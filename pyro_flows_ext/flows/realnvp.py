@@ -23,8 +23,10 @@ from pyro_flows_ext.flows._common import (
 from pyro_flows_ext.flows.flow import Flow
 from pyro_flows_ext.nn import HIDDEN_CHANNELS
 from pyro_flows_ext.transforms import ActNorm, SplitPrior
-from pyro_flows_ext.transforms.kinds import COUPLINGS, make_coupling
+from pyro_flows_ext.transforms.kinds import coupling_kind, make_coupling
+from pyro_flows_ext.transforms.maps import CLAMP
 from pyro_flows_ext.transforms.masks import MASKS
+from pyro_flows_ext.transforms.networks import density_network
 
 __all__ = ["realnvp"]
 
@@ -39,7 +41,7 @@ def realnvp(
     mask: str | None = None,
     actnorm: bool = True,
     split_prior: bool = False,
-    clamp: float = 3.0,
+    clamp: float = CLAMP,
     coupling: str = "affine",
     context_dim: int = 0,
 ) -> Flow:
@@ -60,7 +62,7 @@ def realnvp(
     (``hidden_dims``).
 
     ``coupling="spline"`` uses rational-quadratic
-    :class:`~pyro_flows_ext.transforms.SplineCoupling` s (8 bins on ``[-3, 3]``, identity
+    :class:`~pyro_flows_ext.transforms.SplineMap` couplings (8 bins on ``[-3, 3]``, identity
     tails) instead of affine couplings (``clamp`` is then unused).
 
     ``context_dim=K`` makes a conditional model ``p(x | c)``: every coupling's network also
@@ -91,18 +93,28 @@ def realnvp(
         "actnorm": check_bool("actnorm", actnorm),
         "split_prior": check_bool("split_prior", split_prior),
         "clamp": positive_float("clamp", clamp),
-        "coupling": one_of("coupling", coupling, COUPLINGS),
+        "coupling": coupling_kind(coupling),
         "context_dim": positive_int("context_dim", context_dim, minimum=0),
     }
+
+    network = density_network(dims, hidden_channels, num_blocks)
 
     def units(s: EventShape, n: int, unit_mask: str | None) -> list[Layer]:
         """``n`` couplings on ``s`` (each after an ActNorm), in the density direction."""
         density: list[Layer] = []
         for i in range(n):
             density += [ActNorm(s)] if actnorm else []
-            layer = make_coupling(coupling, s, dims, unit_mask, i % 2, hidden_channels,
-                                  num_blocks, clamp=clamp, context_dim=context_dim)  # fmt: skip
-            density.append(layer)
+            density.append(
+                make_coupling(
+                    coupling,
+                    s,
+                    mask=unit_mask,
+                    parity=i % 2,
+                    network=network,
+                    context_dim=context_dim,
+                    clamp=clamp,
+                )  # fmt: skip
+            )
         return density
 
     if len(shape) == 1:

@@ -8,10 +8,11 @@ from pyro_flows_ext.nn.conditioners import (
     mlp,
     zero_last_layer_,
 )
-from pyro_flows_ext.nn.damped import DampedMLP, damp_parameters_
+from pyro_flows_ext.nn.damped import LR_SCALE, DampedMLP, damp_parameters_
 
 __all__ = [
     "HIDDEN_CHANNELS",
+    "LR_SCALE",
     "ConvNet",
     "DampedMLP",
     "ZeroConv2d",

@@ -27,16 +27,19 @@ HIDDEN_CHANNELS = 32
 coupling factories and ``glow_step`` up to the builders and the ``pyro-flows`` command."""
 
 
-def default_hidden_dims(input_dim: int) -> tuple[int, int]:
+def default_hidden_dims(input_dim: int, max_width: int | None = None) -> tuple[int, int]:
     """The one default ``hidden_dims`` of an MLP conditioner that sees ``input_dim``
     features: two layers of ``max(64, 4 * input_dim)`` units (``2 D`` for a half split of
-    ``D`` features).
+    ``D`` features), at most ``max_width`` (the guides cap it, so that their parameters grow
+    linearly in ``D``, not as ``D^2``).
 
     Example:
-        >>> default_hidden_dims(8), default_hidden_dims(40)
-        ((64, 64), (160, 160))
+        >>> default_hidden_dims(8), default_hidden_dims(40), default_hidden_dims(500, 256)
+        ((64, 64), (160, 160), (256, 256))
     """
     width = max(64, 4 * input_dim)
+    if max_width is not None:
+        width = min(width, max_width)
     return (width, width)
 
 
@@ -62,10 +65,11 @@ def zero_last_layer_(net: nn.Module) -> nn.Module:
 def mlp(
     input_dim: int,
     param_dims: Sequence[int],
-    hidden_dims: Sequence[int] = (64, 64),
+    hidden_dims: Sequence[int] | None = None,
     context_dim: int = 0,
 ) -> DenseNN | ConditionalDenseNN:
-    """A Pyro ``DenseNN`` (``ConditionalDenseNN`` if ``context_dim``) with a zero last layer.
+    """A Pyro ``DenseNN`` (``ConditionalDenseNN`` if ``context_dim``) with a zero last layer
+    and ``hidden_dims`` (default :func:`default_hidden_dims` of ``input_dim``).
 
     Maps ``(..., input_dim)`` (and ``(..., context_dim)``) to a tuple of tensors of sizes
     ``param_dims`` (one tensor when there is one parameter).
@@ -76,6 +80,7 @@ def mlp(
         (torch.Size([5, 2]), True)
     """
     net: DenseNN | ConditionalDenseNN
+    hidden_dims = default_hidden_dims(input_dim) if hidden_dims is None else hidden_dims
     if context_dim:
         net = ConditionalDenseNN(input_dim, context_dim, list(hidden_dims), list(param_dims))
     else:

@@ -5,21 +5,8 @@ Direction follows Pyro: ``forward`` maps noise to data, ``inv`` maps data to noi
 
 from pyro_flows_ext.transforms._base import CachedTransformModule
 from pyro_flows_ext.transforms.actnorm import ActNorm, actnorm
-from pyro_flows_ext.transforms.conditional import (
-    ConditionalAffineCoupling,
-    ConditionalCoupling,
-    ConditionalSplineCoupling,
-    condition_all,
-    conditional_affine_coupling,
-    conditional_spline_coupling,
-)
-from pyro_flows_ext.transforms.coupling import (
-    AdditiveCoupling,
-    AffineCoupling,
-    Coupling,
-    additive_coupling,
-    affine_coupling,
-)
+from pyro_flows_ext.transforms.conditional import ConditionalCoupling, condition_all
+from pyro_flows_ext.transforms.coupling import Coupling
 from pyro_flows_ext.transforms.glow import glow_step
 from pyro_flows_ext.transforms.invertible import (
     InvertibleConv1x1,
@@ -27,17 +14,25 @@ from pyro_flows_ext.transforms.invertible import (
     invertible_conv1x1,
     invertible_linear,
 )
-from pyro_flows_ext.transforms.kinds import COUPLINGS, make_coupling
-from pyro_flows_ext.transforms.linear import LowerAffine, PermuteTransform
-from pyro_flows_ext.transforms.lowrank import LowRankAffine
-from pyro_flows_ext.transforms.masks import MaskPartition, Partition, SlicePartition
-from pyro_flows_ext.transforms.prior import ElementwiseAffine, top_prior
-from pyro_flows_ext.transforms.shift import ConditionalShift
-from pyro_flows_ext.transforms.spline import (
-    SplineCoupling,
-    rational_quadratic_spline,
+from pyro_flows_ext.transforms.kinds import (
+    COUPLINGS,
+    additive_coupling,
+    affine_coupling,
+    conditional_affine_coupling,
+    conditional_spline_coupling,
+    coupling_map,
+    make_coupling,
+    register_coupling,
     spline_coupling,
 )
+from pyro_flows_ext.transforms.linear import LowerAffine, PermuteTransform
+from pyro_flows_ext.transforms.lowrank import LowRankAffine
+from pyro_flows_ext.transforms.maps import AdditiveMap, AffineMap, ElementwiseMap
+from pyro_flows_ext.transforms.masks import MaskPartition, Partition, SlicePartition
+from pyro_flows_ext.transforms.networks import NetworkFactory, density_network
+from pyro_flows_ext.transforms.prior import ElementwiseAffine, top_prior
+from pyro_flows_ext.transforms.shift import ConditionalShift
+from pyro_flows_ext.transforms.spline import SplineMap, rational_quadratic_spline
 from pyro_flows_ext.transforms.split import FactorOut, SplitPrior, split_prior
 from pyro_flows_ext.transforms.squeeze import SqueezeTransform
 from pyro_flows_ext.transforms.stack import Stack
@@ -45,25 +40,25 @@ from pyro_flows_ext.transforms.stack import Stack
 __all__ = [
     "COUPLINGS",
     "ActNorm",
-    "AdditiveCoupling",
-    "AffineCoupling",
+    "AdditiveMap",
+    "AffineMap",
     "CachedTransformModule",
-    "ConditionalAffineCoupling",
     "ConditionalCoupling",
     "ConditionalShift",
-    "ConditionalSplineCoupling",
     "Coupling",
     "ElementwiseAffine",
+    "ElementwiseMap",
     "FactorOut",
     "InvertibleConv1x1",
     "InvertibleLinear",
     "LowRankAffine",
     "LowerAffine",
     "MaskPartition",
+    "NetworkFactory",
     "Partition",
     "PermuteTransform",
     "SlicePartition",
-    "SplineCoupling",
+    "SplineMap",
     "SplitPrior",
     "SqueezeTransform",
     "Stack",
@@ -73,11 +68,14 @@ __all__ = [
     "conditional_affine_coupling",
     "conditional_spline_coupling",
     "condition_all",
+    "coupling_map",
+    "density_network",
     "glow_step",
     "invertible_conv1x1",
     "invertible_linear",
     "make_coupling",
     "rational_quadratic_spline",
+    "register_coupling",
     "spline_coupling",
     "split_prior",
     "top_prior",

@@ -9,6 +9,8 @@ from pyro_flows_ext.nn import HIDDEN_CHANNELS
 from pyro_flows_ext.transforms.actnorm import ActNorm
 from pyro_flows_ext.transforms.invertible import invertible_linear
 from pyro_flows_ext.transforms.kinds import make_coupling
+from pyro_flows_ext.transforms.maps import ElementwiseMap
+from pyro_flows_ext.transforms.networks import density_network
 from pyro_flows_ext.transforms.stack import Stack
 
 __all__ = ["glow_step"]
@@ -16,20 +18,21 @@ __all__ = ["glow_step"]
 
 def glow_step(
     shape: int | EventShape,
+    *,
     hidden_dims: Sequence[int] | None = None,
     hidden_channels: int = HIDDEN_CHANNELS,
     lu: bool = True,
     scale: str = "sigmoid",
     parity: int = 0,
     data_init: bool = True,
-    coupling: str = "affine",
+    coupling: str | ElementwiseMap = "affine",
     context_dim: int = 0,
 ) -> Stack:
     """One Glow flow step as a :class:`~pyro_flows_ext.transforms.Stack`.
 
     In the density direction (data to noise, the inverse) it applies :class:`ActNorm`, then
-    :class:`InvertibleConv1x1` (:class:`InvertibleLinear` for vectors), then an
-    :class:`AffineCoupling` over a channel (``half`` for vectors) split, as in Glow; the
+    :class:`InvertibleConv1x1` (:class:`InvertibleLinear` for vectors), then an affine
+    :class:`Coupling` over a channel (``half`` for vectors) split, as in Glow; the
     forward direction (noise to data) runs them in reverse order.
 
     Args:
@@ -40,8 +43,10 @@ def glow_step(
         scale: the coupling's scale (``"sigmoid"`` as in Glow, or ``"exp"``).
         parity: which half the coupling keeps.
         data_init: whether ActNorm initialises from the first batch of data.
-        coupling: ``"affine"`` (Glow's) or ``"spline"`` (a rational-quadratic
-            :class:`~pyro_flows_ext.transforms.SplineCoupling`; ``scale`` is then unused).
+        coupling: a kind of :data:`~pyro_flows_ext.transforms.COUPLINGS`: ``"affine"``
+            (Glow's), ``"spline"`` (a rational-quadratic
+            :class:`~pyro_flows_ext.transforms.SplineMap`; ``scale`` is then unused), ... or a
+            ready :class:`~pyro_flows_ext.transforms.ElementwiseMap`.
         context_dim: with ``K > 0`` the coupling is conditional (its network also sees a
             context of size ``K``; condition the step with
             :func:`~pyro_flows_ext.transforms.condition_all`).
@@ -54,14 +59,9 @@ def glow_step(
         (torch.Size([2, 4, 8, 8]), torch.Size([2]))
     """
     event_shape = as_event_shape(shape)
+    network = density_network(hidden_dims=hidden_dims, hidden_channels=hidden_channels)
     layer = make_coupling(
-        coupling,
-        event_shape,
-        hidden_dims=hidden_dims,
-        hidden_channels=hidden_channels,
-        parity=parity,
-        scale=scale,
-        context_dim=context_dim,
+        coupling, event_shape, parity=parity, network=network, context_dim=context_dim, scale=scale
     )
     mixing = invertible_linear(event_shape, lu=lu)
     return Stack([layer, mixing, ActNorm(event_shape, data_init=data_init)])

@@ -7,7 +7,7 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
 
 from pyro_flows_ext.checks import check_input, positive_int
-from pyro_flows_ext.nn import DampedMLP
+from pyro_flows_ext.nn import LR_SCALE, DampedMLP
 from pyro_flows_ext.transforms._base import CachedTransformModule
 
 __all__ = ["ConditionalShift"]
@@ -38,7 +38,7 @@ class ConditionalShift(ConditionalTransformModule):
         torch.Size([4, 3])
     """
 
-    def __init__(self, dim: int, context_dim: int, lr_scale: float = 0.1) -> None:
+    def __init__(self, dim: int, context_dim: int, lr_scale: float = LR_SCALE) -> None:
         super().__init__()
         self.dim = positive_int("dim", dim)
         self.context_dim = positive_int("context_dim", context_dim)

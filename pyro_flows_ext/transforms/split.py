@@ -27,13 +27,19 @@ from torch.distributions import Transform
 from pyro_flows_ext.checks import EventShape, as_event_shape, check_input, positive_int
 from pyro_flows_ext.nn import ZeroConv2d
 from pyro_flows_ext.transforms._base import CachedTransformModule
-from pyro_flows_ext.transforms.coupling import AffineCoupling
+from pyro_flows_ext.transforms.coupling import Coupling
+from pyro_flows_ext.transforms.maps import AffineMap
 from pyro_flows_ext.transforms.masks import SlicePartition
 
-__all__ = ["FactorOut", "SplitPrior", "split_prior"]
+__all__ = ["PRIOR_CLAMP", "FactorOut", "SplitPrior", "split_prior"]
+
+PRIOR_CLAMP = 5.0
+"""The default bound of a split prior's log-scale, wider than a coupling's
+(:data:`~pyro_flows_ext.transforms.maps.CLAMP`): it is the whole spread of the factored-out
+channels, not one flow step's change of it."""
 
 
-class SplitPrior(AffineCoupling):
+class SplitPrior(Coupling):
     """Glow's learned conditional prior of the factored-out channels.
 
     The last ``C // 2`` channels (features) are ``mu(h) + exp(log_sigma(h)) * eps`` where
@@ -50,7 +56,11 @@ class SplitPrior(AffineCoupling):
     """
 
     def __init__(
-        self, shape: int | EventShape, kernel_size: int = 3, clamp: float = 5.0, cache_size: int = 1
+        self,
+        shape: int | EventShape,
+        kernel_size: int = 3,
+        clamp: float = PRIOR_CLAMP,
+        cache_size: int = 1,
     ) -> None:
         event_shape = as_event_shape(shape)
         kernel_size = positive_int("kernel_size", kernel_size)
@@ -66,11 +76,13 @@ class SplitPrior(AffineCoupling):
             nn.init.zeros_(net.weight)
             nn.init.zeros_(net.bias)
         super().__init__(
-            event_shape, net, partition, scale="exp", clamp=clamp, cache_size=cache_size
+            event_shape, AffineMap("exp", clamp), net, partition, cache_size=cache_size
         )
 
 
-def split_prior(shape: int | EventShape, kernel_size: int = 3, clamp: float = 5.0) -> SplitPrior:
+def split_prior(
+    shape: int | EventShape, kernel_size: int = 3, clamp: float = PRIOR_CLAMP
+) -> SplitPrior:
     """A :class:`SplitPrior` for ``(C, H, W)`` (or ``D``).
 
     Args:

@@ -17,8 +17,9 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from pyro_flows_ext.checks import check_bool, hidden_sizes, one_of, positive_float, positive_int
+from pyro_flows_ext.checks import check_bool, hidden_sizes, positive_float, positive_int
 from pyro_flows_ext.infer.hierarchical.local_flow import (
+    LOCAL_CLAMP,
     LOCAL_HIDDEN,
     ConditionalSTL,
     LocalFlow,
@@ -29,8 +30,9 @@ from pyro_flows_ext.infer.hierarchical.local_flow import (
 from pyro_flows_ext.infer.hierarchical.local_prior import LocalPrior, local_priors
 from pyro_flows_ext.infer.hierarchical.plates import PlateGroup, PlateStructure, plate_structure
 from pyro_flows_ext.infer.stl import StickingTheLanding
-from pyro_flows_ext.transforms import LowerAffine
-from pyro_flows_ext.transforms.kinds import COUPLINGS
+from pyro_flows_ext.infer.vector.steps import damped_network
+from pyro_flows_ext.nn import LR_SCALE
+from pyro_flows_ext.transforms import ElementwiseMap, LowerAffine, coupling_map
 
 __all__ = ["AutoHierarchicalFlow"]
 
@@ -93,7 +95,9 @@ class AutoHierarchicalFlow(AutoGuide):
             most of the work).
         embedding_dim: size of each plate's learned per-element embedding.
         encoders: per-plate feature functions (see above).
-        coupling: ``"spline"`` or ``"affine"`` couplings for the globals; by default
+        coupling: the globals' coupling kind (a name of
+            :data:`~pyro_flows_ext.transforms.COUPLINGS` or a ready map; affine ones get the
+            guide's ``clamp``); by default
             (``None``) splines when the model's plates hold fewer than
             :attr:`AFFINE_FROM` elements in all, else affine. Splines bend the globals'
             marginals, which a few groups need (a funnel's skewed ``log tau``: on the 8-group
@@ -152,11 +156,11 @@ class AutoHierarchicalFlow(AutoGuide):
         local_hidden_dims: Sequence[int] | None = None,
         embedding_dim: int = 8,
         encoders: dict[str, Callable[..., Tensor]] | None = None,
-        coupling: str | None = None,
+        coupling: str | ElementwiseMap | None = None,
         init_loc_fn: Callable[..., Any] = init_to_median,
         init_scale: float = 0.1,
-        clamp: float = 5.0,
-        net_lr_scale: float = 0.1,
+        clamp: float = LOCAL_CLAMP,
+        lr_scale: float = LR_SCALE,
         local_prior: bool = True,
         stl: bool = False,
         create_plates: Callable[..., Any] | None = None,
@@ -170,10 +174,10 @@ class AutoHierarchicalFlow(AutoGuide):
         self.local_hidden_dims = hidden_sizes("local_hidden_dims", local_hidden_dims)
         self.embedding_dim = positive_int("embedding_dim", embedding_dim)
         self.encoders = check_encoders(encoders)
-        self.coupling = None if coupling is None else one_of("coupling", coupling, COUPLINGS)
-        self.init_scale = positive_float("init_scale", init_scale)
         self.clamp = positive_float("clamp", clamp)
-        self.net_lr_scale = positive_float("net_lr_scale", net_lr_scale)
+        self.coupling = None if coupling is None else coupling_map(coupling, clamp=self.clamp)
+        self.init_scale = positive_float("init_scale", init_scale)
+        self.lr_scale = positive_float("lr_scale", lr_scale)
         self.local_prior = check_bool("local_prior", local_prior)
         self.stl = check_bool("stl", stl)
         self.structure: PlateStructure | None = None
@@ -218,8 +222,9 @@ class AutoHierarchicalFlow(AutoGuide):
         g0 = s.initial_globals(trace)
         self.global_flow = nn.ModuleList(
             global_flow(
-                g0, self.depth, self._global_coupling(), self.hidden_dims,
-                self.init_scale, self.clamp, self.net_lr_scale,
+                g0, depth=self.depth, coupling=self._global_coupling(),
+                network=damped_network(self.hidden_dims, self.lr_scale),
+                init_scale=self.init_scale,
             )
         )  # fmt: skip
         priors = local_priors(
@@ -232,12 +237,13 @@ class AutoHierarchicalFlow(AutoGuide):
         self.register_buffer("_anchor", like.new_zeros(()).detach())
         self.to(dtype=like.dtype, device=like.device)
 
-    def _global_coupling(self) -> str:
+    def _global_coupling(self) -> ElementwiseMap:
         if self.coupling is not None:
             return self.coupling
         assert self.structure is not None
         elements = sum(p.size for p in self.structure.plates.values())
-        return "affine" if elements >= self.AFFINE_FROM else "spline"
+        kind = "affine" if elements >= self.AFFINE_FROM else "spline"
+        return coupling_map(kind, clamp=self.clamp)
 
     def _local_flow(
         self, group: PlateGroup, prior: LocalPrior, widths: dict[str, int]
@@ -250,8 +256,9 @@ class AutoHierarchicalFlow(AutoGuide):
         grid = None if amortised else group.grid({p.name: p.size for p in group.plates})
         hidden = self.local_hidden_dims or LOCAL_HIDDEN
         return LocalFlow(
-            group.dim, context, grid, prior, self.local_depth, hidden, self.net_lr_scale,
-            self.clamp, math.prod(p.rate for p in group.plates),
+            group.dim, context, grid, prior, depth=self.local_depth, hidden_dims=hidden,
+            lr_scale=self.lr_scale, clamp=self.clamp,
+            element_rate=math.prod(p.rate for p in group.plates),
         )  # fmt: skip
 
     # ---------------------------------------------------------------- the flows ---------

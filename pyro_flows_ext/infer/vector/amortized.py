@@ -10,13 +10,8 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform
 
-from pyro_flows_ext.infer.vector.guide import SPLINE_BINS, AutoCouplingFlow
-from pyro_flows_ext.transforms import (
-    ConditionalAffineCoupling,
-    ConditionalShift,
-    ConditionalSplineCoupling,
-    Partition,
-)
+from pyro_flows_ext.infer.vector.guide import AutoCouplingFlow
+from pyro_flows_ext.transforms import ConditionalShift
 
 __all__ = ["AutoConditionalCouplingFlow"]
 
@@ -33,7 +28,7 @@ class AutoConditionalCouplingFlow(AutoCouplingFlow):
         u = c_0 + B\\,(g_K \\circ \\dots \\circ g_1(\\epsilon; c) + W c + b),
         \\qquad \\epsilon \\sim \\mathcal N(0, I_D),
 
-    where every :math:`g_k` is a :class:`~pyro_flows_ext.transforms.ConditionalAffineCoupling`
+    where every :math:`g_k` is a :class:`~pyro_flows_ext.transforms.ConditionalCoupling`
     (its :class:`~pyro_flows_ext.nn.DampedMLP` sees the context) followed by the mixing layer
     of :class:`~pyro_flows_ext.infer.AutoCouplingFlow` (a fixed permutation by default),
     ``W c + b`` is a :class:`~pyro_flows_ext.transforms.ConditionalShift` that starts at zero
@@ -52,7 +47,7 @@ class AutoConditionalCouplingFlow(AutoCouplingFlow):
         context_fn: maps the model's ``*args, **kwargs`` to a context vector ``(C,)``.
         options: keyword arguments of :class:`~pyro_flows_ext.infer.AutoCouplingFlow`
             (``depth``, ``hidden_dims``, ``mixing``, ``actnorm``, ``init_loc_fn``,
-            ``init_scale``, ``scale``, ``clamp``, ``coupling``, ``stl``, ``net_lr_scale``,
+            ``init_scale``, ``coupling``, ``stl``, ``lr_scale``,
             ``base``, ``df``, ``affine``, ``rank``) with
             the same defaults; the default ``hidden_dims`` count the context among the network's
             inputs. ``init``, ``laplace_options`` and ``init_elbo_samples`` (the Laplace start)
@@ -100,16 +95,8 @@ class AutoConditionalCouplingFlow(AutoCouplingFlow):
         self.context_dim = self._context(*args, **kwargs).shape[0]
         super()._setup_prototype(*args, **kwargs)
 
-    def _coupling(self, part: Partition, parity: int) -> nn.Module:
-        net, shape, k = self._net(part, self.context_dim), part.event_shape, self.context_dim
-        if self.coupling == "spline":
-            return ConditionalSplineCoupling(shape, net, k, "half", parity, bins=SPLINE_BINS)
-        return ConditionalAffineCoupling(
-            shape, net, k, "half", parity, scale=self.scale, clamp=self.clamp
-        )
-
     def _couplings(self, dim: int) -> list[nn.Module]:
-        shift = ConditionalShift(dim, self.context_dim, self.net_lr_scale)
+        shift = ConditionalShift(dim, self.context_dim, self.lr_scale)
         return [*super()._couplings(dim), shift]
 
     def _flow(self, *args: Any, **kwargs: Any) -> list[Transform]:

@@ -22,32 +22,31 @@ from pyro_flows_ext.infer.vector.steps import (
     AFFINES,
     FULL_RANK_MAX_DIM,
     coupling_steps,
+    damped_network,
     final_affine,
-    guide_hidden_dims,
     resolve_affine,
 )
 from pyro_flows_ext.infer.vector.summaries import FlowSummaries
 from pyro_flows_ext.infer.vector.tails import BASES, StudentTBase
-from pyro_flows_ext.nn import DampedMLP, damp_parameters_
+from pyro_flows_ext.nn import LR_SCALE, damp_parameters_
 from pyro_flows_ext.transforms import (
     ActNorm,
-    AffineCoupling,
+    ElementwiseMap,
     InvertibleLinear,
     LowerAffine,
     LowRankAffine,
+    NetworkFactory,
     Partition,
     PermuteTransform,
-    SplineCoupling,
+    coupling_map,
+    make_coupling,
 )
-from pyro_flows_ext.transforms.coupling import SCALES
-from pyro_flows_ext.transforms.kinds import COUPLINGS
 
 __all__ = ["AutoCouplingFlow"]
 
 logger = logging.getLogger(__name__)
 
 MIXINGS = ("lu", "permute")
-SPLINE_BINS = 8
 INITS = ("laplace", "loc")
 
 
@@ -63,7 +62,7 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
         u = c + P\\,(a + B\\, g_K \\circ \\dots \\circ g_1(\\epsilon)),
         \\qquad \\epsilon \\sim \\mathcal N(0, I_D) \\text{ (or Student-t)},
 
-    where each step :math:`g_k` is an :class:`~pyro_flows_ext.transforms.AffineCoupling`
+    where each step :math:`g_k` is an affine :class:`~pyro_flows_ext.transforms.Coupling`
     (alternating halves, a zero-initialised :class:`~pyro_flows_ext.nn.DampedMLP`
     conditioner) followed by a mixing layer: a fixed random permutation
     (:class:`~pyro_flows_ext.transforms.PermuteTransform`, default) or a learned
@@ -116,10 +115,12 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
         depth: flow steps ``K`` (0 gives the Gaussian ``N(loc, L L^T)``); with a single
             latent dimension there is nothing to couple and the guide is Gaussian.
         hidden_dims: hidden sizes of each coupling's MLP (default
-            :func:`~pyro_flows_ext.infer.vector.steps.guide_hidden_dims` of its input: two layers of
-            ``max(64, 2 * D)`` units, at most 256, so the parameters grow linearly in ``D``).
+            :func:`~pyro_flows_ext.nn.default_hidden_dims` of its input: two layers of
+            ``max(64, 2 * D)`` units, at most
+            :data:`~pyro_flows_ext.infer.vector.steps.MAX_WIDTH`, so the parameters grow
+            linearly in ``D``).
         mixing: ``"permute"`` (fixed random permutation) or ``"lu"`` (learned invertible
-            linear map, trained at ``net_lr_scale`` times the step size; in the posteriordb
+            linear map, trained at ``lr_scale`` times the step size; in the posteriordb
             benchmark it was slower and less stable than a permutation, since the final
             affine layer already learns the linear part).
         actnorm: add an ActNorm after each mixing layer (Glow's step; redundant with the final
@@ -128,12 +129,12 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
         init_loc_fn: per-site initial values (see :mod:`pyro.infer.autoguide.initialization`);
             the start of the mode search, or the mean for ``init="loc"``.
         init_scale: the initial standard deviation for ``init="loc"`` and for the fallback.
-        scale, clamp: the couplings' log-scale bound (see
-            :class:`~pyro_flows_ext.transforms.AffineCoupling`).
-        coupling: ``"affine"`` or ``"spline"`` (rational-quadratic
-            :class:`~pyro_flows_ext.transforms.SplineCoupling` s, 8 bins on ``[-3, 3]`` of
-            the whitened space and the identity outside; ``scale`` and ``clamp`` unused).
-        net_lr_scale: the couplings' networks (and the LU and ActNorm layers) learn at this
+        coupling: a kind of :data:`~pyro_flows_ext.transforms.COUPLINGS` (``"affine"``:
+            :class:`~pyro_flows_ext.transforms.AffineMap` with its soft-clamped ``exp``
+            scale; ``"spline"``: :class:`~pyro_flows_ext.transforms.SplineMap`, 8 bins on
+            ``[-3, 3]`` of the whitened space and the identity outside; ...) or a ready map
+            with options of your own (``AffineMap(clamp=5.0)``).
+        lr_scale: the couplings' networks (and the LU and ActNorm layers) learn at this
             fraction of the optimiser's step size (:class:`~pyro_flows_ext.nn.DampedMLP`,
             :func:`~pyro_flows_ext.nn.damp_parameters_`), so that one step size suits
             the Gaussian part and the networks.
@@ -188,11 +189,9 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
         init: str = "laplace",
         init_loc_fn: Callable[..., Any] = init_to_median,
         init_scale: float = 0.1,
-        scale: str = "exp",
-        clamp: float = 3.0,
-        coupling: str = "affine",
+        coupling: str | ElementwiseMap = "affine",
         stl: bool = True,
-        net_lr_scale: float = 0.1,
+        lr_scale: float = LR_SCALE,
         laplace_options: dict[str, Any] | None = None,
         init_elbo_samples: int = 256,
         base: str = "studentt",
@@ -209,11 +208,9 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
         self.actnorm = check_bool("actnorm", actnorm)
         self.init = one_of("init", init, INITS)
         self.init_scale = positive_float("init_scale", init_scale)
-        self.scale = one_of("scale", scale, SCALES)
-        self.clamp = positive_float("clamp", clamp)
-        self.coupling = one_of("coupling", coupling, COUPLINGS)
+        self.coupling = coupling_map(coupling)
         self.stl = check_bool("stl", stl)
-        self.net_lr_scale = positive_float("net_lr_scale", net_lr_scale)
+        self.lr_scale = positive_float("lr_scale", lr_scale)
         self.laplace_options = ModeSearch.options("laplace_options", laplace_options)
         self.init_elbo_samples = positive_int("init_elbo_samples", init_elbo_samples)
         self.base = one_of("base", base, BASES)
@@ -303,32 +300,30 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
             dim, self.depth, self._coupling, self._mixing, alternate=self.mixing == "lu"
         )
 
-    def _net(self, part: Partition, context_dim: int = 0) -> DampedMLP:
-        """The zero-initialised conditioner ``x_A [, context] -> (t, h)`` of a coupling."""
-        input_dim = part.conditioner_shape[0]
-        hidden = self.hidden_dims or guide_hidden_dims(input_dim + context_dim)
-        output_dim = self._params_per_feature * part.transformed_shape[0]
-        return DampedMLP(input_dim, output_dim, hidden, self.net_lr_scale, context_dim)
+    context_dim = 0
+    """The size of the context the couplings' networks see (none here; the amortised guide
+    sets it)."""
 
     @property
-    def _params_per_feature(self) -> int:
-        return 3 * SPLINE_BINS - 1 if self.coupling == "spline" else 2
+    def _network(self) -> NetworkFactory:
+        """The couplings' zero-initialised damped MLPs."""
+        return damped_network(self.hidden_dims, self.lr_scale)
 
     def _coupling(self, part: Partition, parity: int) -> nn.Module:
-        shape, net = part.event_shape, self._net(part)
-        if self.coupling == "spline":
-            return SplineCoupling(shape, net, part, bins=SPLINE_BINS)
-        return AffineCoupling(shape, net, part, scale=self.scale, clamp=self.clamp)
+        return make_coupling(
+            self.coupling, part.event_shape, mask=part, network=self._network,
+            context_dim=self.context_dim,
+        )  # fmt: skip
 
     def _mixing(self) -> list[nn.Module]:
         dim = self.latent_dim
         layers: list[nn.Module] = [
-            damp_parameters_(InvertibleLinear(dim), self.net_lr_scale)
+            damp_parameters_(InvertibleLinear(dim), self.lr_scale)
             if self.mixing == "lu"
             else PermuteTransform(dim)
         ]
         if self.actnorm:
-            layers.append(damp_parameters_(ActNorm(dim, data_init=False), self.net_lr_scale))
+            layers.append(damp_parameters_(ActNorm(dim, data_init=False), self.lr_scale))
         return layers
 
     def __getstate__(self) -> dict[str, Any]:

@@ -4,12 +4,12 @@ mixing layer."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from pyro_flows_ext.nn import default_hidden_dims
-from pyro_flows_ext.transforms import LowerAffine, LowRankAffine, Partition
+from pyro_flows_ext.nn import LR_SCALE, DampedMLP, default_hidden_dims
+from pyro_flows_ext.transforms import LowerAffine, LowRankAffine, NetworkFactory, Partition
 from pyro_flows_ext.transforms.masks import make_partition
 
 __all__ = [
@@ -17,29 +17,45 @@ __all__ = [
     "FULL_RANK_MAX_DIM",
     "MAX_WIDTH",
     "coupling_steps",
+    "damped_network",
     "final_affine",
-    "guide_hidden_dims",
     "resolve_affine",
 ]
 
 MAX_WIDTH = 256
-"""The widest hidden layer of a guide's default conditioner, whatever ``D``."""
+"""The widest hidden layer of a guide's default conditioner, whatever ``D``: the cap binds from
+``D_A = 65`` on (``D > 128`` with a half split), so a guide's parameters grow linearly in ``D``,
+not as ``D^2``."""
+
 FULL_RANK_MAX_DIM = 1024
 """The largest ``D`` for which ``affine="auto"`` gives the full-rank final layer."""
 AFFINES = ("auto", "full", "lowrank")
 
 
-def guide_hidden_dims(input_dim: int) -> tuple[int, ...]:
-    """The default hidden sizes of a guide's conditioner that sees ``input_dim`` features:
-    :func:`~pyro_flows_ext.nn.default_hidden_dims` (two layers of ``max(64, 4 D_A)``) capped
-    at :data:`MAX_WIDTH`, so that a guide's parameters grow linearly in ``D``, not as
-    ``D^2`` (the cap binds from ``D_A = 65`` on, i.e. for ``D > 128`` with a half split).
+def damped_network(
+    hidden_dims: Sequence[int] | None = None,
+    lr_scale: float = LR_SCALE,
+    max_width: int | None = MAX_WIDTH,
+) -> NetworkFactory:
+    """The network factory of the guides' couplings: a zero-initialised
+    :class:`~pyro_flows_ext.nn.DampedMLP` that learns at ``lr_scale`` times the optimiser's
+    step size, with ``hidden_dims`` (default :func:`~pyro_flows_ext.nn.default_hidden_dims` of
+    its inputs, the context included, capped at ``max_width``).
 
     Example:
-        >>> guide_hidden_dims(8), guide_hidden_dims(500)
-        ((64, 64), (256, 256))
+        >>> from pyro_flows_ext.transforms.masks import make_partition
+        >>> net = damped_network()(make_partition((500,), "half"), 2, 0)
+        >>> [tuple(p.shape) for p in net.parameters()]
+        [(256, 251), (256, 257), (500, 257)]
     """
-    return tuple(min(width, MAX_WIDTH) for width in default_hidden_dims(input_dim))
+
+    def build(partition: Partition, num_params: int, context_dim: int) -> nn.Module:
+        inputs = partition.conditioner_shape[0]
+        hidden = hidden_dims or default_hidden_dims(inputs + context_dim, max_width)
+        out = num_params * partition.transformed_shape[0]
+        return DampedMLP(inputs, out, hidden, lr_scale, context_dim)
+
+    return build
 
 
 def resolve_affine(affine: str, dim: int) -> str:
@@ -97,9 +113,7 @@ def coupling_steps(
 
     Example:
         >>> from pyro_flows_ext.transforms import affine_coupling
-        >>> steps = coupling_steps(
-        ...     4, 2, lambda part, parity: affine_coupling(4, [8], parity=parity), lambda: []
-        ... )
+        >>> steps = coupling_steps(4, 2, lambda part, _: affine_coupling(4, [8], mask=part), list)
         >>> len(steps), coupling_steps(1, 2, None, None)
         (2, [])
     """
