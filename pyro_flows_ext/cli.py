@@ -19,13 +19,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from pyro_flows_ext import cli_commands as run
+from pyro_flows_ext.cli_commands import IMAGE_TEMPERATURE
 from pyro_flows_ext.nn import HIDDEN_CHANNELS
 from pyro_flows_ext.transforms.kinds import COUPLINGS
 
 __all__ = ["build_parser", "main"]
-
-IMAGE_TEMPERATURE = 0.8
-"""Default sampling temperature for images (vectors are drawn at 1)."""
 
 DATA_HELP = (
     "training data: 'digits' (scikit-learn's 8x8 digits, 17 grey levels), 'mnist' "
@@ -105,7 +104,7 @@ def _add_data_options(fit: argparse.ArgumentParser) -> None:
 def _add_model_options(fit: argparse.ArgumentParser) -> None:
     fit.add_argument("--model", choices=("glow", "realnvp"), default="glow",
                      help="architecture (default: glow)")  # fmt: skip
-    fit.add_argument("--coupling", choices=COUPLINGS, default="spline",
+    fit.add_argument("--coupling", choices=sorted(COUPLINGS), default="spline",
                      help="coupling layers: rational-quadratic splines or affine maps "
                      "(default: spline)")  # fmt: skip
     fit.add_argument("--levels", type=int, default=None, metavar="L",
@@ -187,8 +186,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pyro-flows``; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        from pyro_flows_ext import cli_commands as run
-
         return run.run_fit(args) if args.command == "fit" else run.run_sample(args)
     except KeyboardInterrupt:
         print("pyro-flows: interrupted; run the same command again to resume", file=sys.stderr)

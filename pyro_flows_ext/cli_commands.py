@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyro_flows_ext.cli import IMAGE_TEMPERATURE
 from pyro_flows_ext.flows import BUILDERS, Flow
 from pyro_flows_ext.nn import HIDDEN_CHANNELS
 
 __all__ = [
+    "IMAGE_TEMPERATURE",
     "PER_CLASS",
     "SAMPLES",
     "UsageError",
@@ -36,6 +36,9 @@ __all__ = [
     "run_fit",
     "run_sample",
 ]
+
+IMAGE_TEMPERATURE = 0.8
+"""Default sampling temperature for images (vectors are drawn at 1)."""
 
 SAMPLES = 64
 """Samples drawn for a PNG by default."""
