@@ -160,10 +160,10 @@ def save_curve(history: History, path: str | os.PathLike[str], title: str | None
     ax = fig.add_subplot()
     if history.step:
         window = max(1, len(history.step) // 50)
-        smooth = _smooth(history.train_bpd, window)
+        smooth = _smooth(history.loss, window)
         ax.plot(history.step[len(history.step) - len(smooth) :], smooth, label="train")
     if history.valid_step:
-        ax.plot(history.valid_step, history.valid_bpd, "o-", ms=3, label="validation")
+        ax.plot(history.valid_step, history.valid_loss, "o-", ms=3, label="validation")
     if history.best_step is not None and history.best_valid is not None:
         ax.axvline(history.best_step, color="0.5", ls="--", lw=1)
         ax.annotate(
@@ -172,7 +172,7 @@ def save_curve(history: History, path: str | os.PathLike[str], title: str | None
             textcoords="offset points",
             xytext=(4, 8),
         )
-    lows = [*history.valid_bpd, *history.train_bpd[len(history.train_bpd) // 10 :]]
+    lows = [*history.valid_loss, *history.loss[len(history.loss) // 10 :]]
     if lows:  # the first steps are far above the rest: keep the interesting range visible
         lo, hi = min(lows), max(lows)
         ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.3 * (hi - lo + 1e-9))

@@ -106,8 +106,8 @@ def test_ranks_hold_identical_weights(two_processes: Path) -> None:
     assert a["state"].keys() == b["state"].keys()
     for key, value in a["state"].items():
         assert torch.equal(value, b["state"][key]), key
-    assert a["history"]["train_bpd"] == b["history"]["train_bpd"]
-    assert a["history"]["valid_bpd"] == b["history"]["valid_bpd"]
+    assert a["history"]["loss"] == b["history"]["loss"]
+    assert a["history"]["valid_loss"] == b["history"]["valid_loss"]
     assert a["history"]["best_step"] == b["history"]["best_step"]
 
 
@@ -117,13 +117,13 @@ def test_two_processes_match_one_process_on_the_global_batch(two_processes: Path
     single = fit(flow, train, valid=valid, batch_size=BATCH * WORLD, distributed=False,
                  **SETTINGS)  # fmt: skip
     ddp = _load(two_processes / "rank0.pt")
-    assert len(ddp["history"]["train_bpd"]) == STEPS
+    assert len(ddp["history"]["loss"]) == STEPS
     torch.testing.assert_close(
-        torch.tensor(ddp["history"]["train_bpd"]), torch.tensor(single.train_bpd),
+        torch.tensor(ddp["history"]["loss"]), torch.tensor(single.loss),
         rtol=1e-5, atol=1e-6,
     )  # fmt: skip
     torch.testing.assert_close(
-        torch.tensor(ddp["history"]["valid_bpd"]), torch.tensor(single.valid_bpd),
+        torch.tensor(ddp["history"]["valid_loss"]), torch.tensor(single.valid_loss),
         rtol=1e-6, atol=1e-8,
     )  # fmt: skip
     for key, value in flow.state_dict().items():
@@ -138,13 +138,13 @@ def test_conditional_flows_train_data_parallel(two_processes: Path) -> None:
     single = fit(flow, train, context=c_train, valid=valid, valid_context=c_valid,
                  batch_size=BATCH * WORLD, distributed=False, **SETTINGS)  # fmt: skip
     runs = [_load(two_processes / f"conditional{r}.pt") for r in range(WORLD)]
-    assert runs[0]["history"]["valid_bpd"] == runs[1]["history"]["valid_bpd"]
+    assert runs[0]["history"]["valid_loss"] == runs[1]["history"]["valid_loss"]
     torch.testing.assert_close(
-        torch.tensor(runs[0]["history"]["train_bpd"]), torch.tensor(single.train_bpd),
+        torch.tensor(runs[0]["history"]["loss"]), torch.tensor(single.loss),
         rtol=1e-5, atol=1e-6,
     )  # fmt: skip
     torch.testing.assert_close(
-        torch.tensor(runs[0]["history"]["valid_bpd"]), torch.tensor(single.valid_bpd),
+        torch.tensor(runs[0]["history"]["valid_loss"]), torch.tensor(single.valid_loss),
         rtol=1e-6, atol=1e-8,
     )  # fmt: skip
     for key, value in flow.state_dict().items():

@@ -10,7 +10,8 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoNormal
 
-from pyro_flows_ext.infer import AutoCouplingFlow, FitHistory, NonFiniteLossError, fit_guide
+from pyro_flows_ext.infer import AutoCouplingFlow, fit_guide
+from pyro_flows_ext.train import History, TrainingDivergedError
 
 
 @pytest.fixture(autouse=True)
@@ -36,14 +37,14 @@ def test_fits_any_guide_in_both_dtypes(kind: str, dtype: torch.dtype) -> None:
     y = torch.tensor([1.0, 2.5, 0.5, 2.0], dtype=dtype)
     guide = AutoNormal(gaussian) if kind == "AutoNormal" else AutoCouplingFlow(gaussian, depth=1)
     history = fit_guide(gaussian, guide, y, steps=300, num_particles=4, progress=False)
-    assert isinstance(history, FitHistory)
-    assert len(history.loss) == len(history.smoothed_elbo) == 300
+    assert isinstance(history, History)
+    assert len(history.loss) == len(history.smoothed) == len(history.step_time) == 300
     assert not history.stopped_early and history.seconds > 0 and history.cpu_seconds > 0
     assert all(math.isfinite(v) for v in history.loss)
     median = guide.median(y)["mu"]
     assert median.dtype == dtype
     assert abs(float(median) - exact_mean(y)) < 0.15  # posterior sd 0.5
-    assert history.elbo == history.smoothed_elbo[-1]
+    assert history.elbo == -history.smoothed[-1]
 
 
 def test_model_keyword_arguments_are_passed_through() -> None:
@@ -67,10 +68,10 @@ def test_a_nan_loss_stops_with_an_error_naming_the_step() -> None:
         loc = pyro.param("loc", torch.tensor(0.0))
         pyro.sample("x", dist.Normal(loc, 1.0))
 
-    with pytest.raises(NonFiniteLossError, match="step 5") as info:
+    with pytest.raises(TrainingDivergedError, match="step 6") as info:
         fit_guide(model, guide, steps=50, num_particles=1, progress=False)
     assert isinstance(info.value, FloatingPointError)
-    assert info.value.step == 5 and math.isnan(info.value.loss)
+    assert info.value.step == 6 and math.isnan(info.value.loss)
     assert len(info.value.history.loss) == 5
 
 
@@ -80,7 +81,7 @@ def test_early_stopping_stops() -> None:
         gaussian, AutoNormal(gaussian), y, steps=3000, patience=50, num_particles=2, progress=False
     )
     assert history.stopped_early
-    assert 50 < len(history.loss) < 3000 and len(history.smoothed_elbo) == len(history.loss)
+    assert 50 < len(history.loss) < 3000 and len(history.smoothed) == len(history.loss)
 
 
 def test_progress_false_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,6 +21,7 @@ from pyro_flows_ext.train import (
     Checkpoint,
     CheckpointMismatchError,
     Dequantize,
+    History,
     Standardize,
     TrainingDivergedError,
     VariationalDequantize,
@@ -171,8 +172,8 @@ def test_fit_lowers_the_loss_on_moons(moons: datasets.Split) -> None:
                   eval_every=50, dequantize=pre, device="cpu", progress=False)  # fmt: skip
     after = bits_per_dim(flow, moons.valid, dequantize=pre)
     assert after < before - 0.3
-    assert np.mean(history.train_bpd[-20:]) < np.mean(history.train_bpd[:20]) - 0.3
-    assert len(history.step) == len(history.train_bpd) == len(history.step_time) == 300
+    assert np.mean(history.loss[-20:]) < np.mean(history.loss[:20]) - 0.3
+    assert len(history.step) == len(history.loss) == len(history.step_time) == 300
     assert history.valid_step == [50, 100, 150, 200, 250, 300]
 
 
@@ -184,7 +185,7 @@ def test_early_stopping_restores_the_best_weights(moons: datasets.Split) -> None
                   progress=False)  # fmt: skip
     assert history.stopped_early
     assert history.best_step is not None and history.best_step < history.step[-1]
-    assert history.valid_bpd[-1] > history.best_valid
+    assert history.valid_loss[-1] > history.best_valid
     assert math.isclose(bits_per_dim(flow, moons.valid), history.best_valid, rel_tol=1e-6)
 
 
@@ -301,7 +302,7 @@ def test_fit_with_compiled_conditioners(digits: datasets.Split) -> None:
     flow = glow((1, 8, 8), depth=1, hidden_channels=8)
     history = fit(flow, digits.train, steps=20, dequantize=digits.levels, device="cpu",
                   progress=False, compile=True)  # fmt: skip
-    assert np.mean(history.train_bpd[-5:]) < np.mean(history.train_bpd[:5])
+    assert np.mean(history.loss[-5:]) < np.mean(history.loss[:5])
 
 
 # -- data sets ---------------------------------------------------------------------------
@@ -400,3 +401,11 @@ def test_resume_with_learned_preprocessing_is_exact(digits: datasets.Split, tmp_
         for (name, x), y in zip(module_a.state_dict().items(), module_b.state_dict().values(),
                                 strict=True):  # fmt: skip
             assert torch.equal(x, y), name
+
+
+def test_history_reads_checkpoints_written_before_the_shared_vocabulary() -> None:
+    old = {"step": [1, 2], "train_bpd": [3.0, 2.5], "step_time": [0.1, 0.1], "valid_step": [2]}
+    old |= {"valid_bpd": [2.7], "best_step": 2, "best_valid": 2.7, "stopped_early": False}
+    history = History.from_dict(old)
+    assert history.loss == [3.0, 2.5] and history.valid_loss == [2.7] and history.best_step == 2
+    assert History.from_dict(history.to_dict()) == history

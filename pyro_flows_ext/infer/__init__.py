@@ -34,13 +34,7 @@ from pyro_flows_ext.infer.diagnostics import (
     psis_khat,
     to_inference_data,
 )
-from pyro_flows_ext.infer.fitting import (
-    FitHistory,
-    NeuTraDraws,
-    NonFiniteLossError,
-    fit_guide,
-    neutra_mcmc,
-)
+from pyro_flows_ext.infer.fitting import NeuTraDraws, fit_guide, neutra_mcmc
 from pyro_flows_ext.infer.hierarchical import AutoHierarchicalFlow, LocalFlow
 from pyro_flows_ext.infer.stl import StickingTheLanding
 from pyro_flows_ext.infer.vector import (
@@ -55,12 +49,10 @@ __all__ = [
     "AutoConditionalCouplingFlow",
     "AutoCouplingFlow",
     "AutoHierarchicalFlow",
-    "FitHistory",
     "ImportanceDraws",
     "LaplaceResult",
     "LocalFlow",
     "NeuTraDraws",
-    "NonFiniteLossError",
     "ParetoK",
     "StickingTheLanding",
     "StudentTBase",

@@ -17,6 +17,7 @@ from pyro_flows_ext.train.distributed import (
     torchrun_env,
 )
 from pyro_flows_ext.train.fit import fit
+from pyro_flows_ext.train.history import History, TrainingDivergedError
 from pyro_flows_ext.train.metrics import bits_per_dim, log_likelihood, nll
 from pyro_flows_ext.train.preprocess import (
     Dequantize,
@@ -25,7 +26,6 @@ from pyro_flows_ext.train.preprocess import (
     Standardize,
     as_preprocess,
 )
-from pyro_flows_ext.train.state import History, TrainingDivergedError
 from pyro_flows_ext.train.vardeq import VariationalDequantize
 
 __all__ = [

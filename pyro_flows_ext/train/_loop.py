@@ -21,8 +21,9 @@ from pyro_flows_ext.train.checkpoint import Checkpoint, save_checkpoint
 from pyro_flows_ext.train.config import FitConfig
 from pyro_flows_ext.train.data import Examples
 from pyro_flows_ext.train.distributed import Distributed
+from pyro_flows_ext.train.history import History, TrainingDivergedError
 from pyro_flows_ext.train.metrics import log_likelihood, nll
-from pyro_flows_ext.train.state import History, TrainingDivergedError, TrainingState
+from pyro_flows_ext.train.state import TrainingState
 
 __all__ = ["Trainer"]
 
@@ -114,7 +115,7 @@ class Trainer:
                 start = time.perf_counter()
                 value = self._step(loss_fn)
                 state.record_step(value, time.perf_counter() - start)
-                progress.update(state.step, self.total, state.history.train_bpd)
+                progress.update(state.step, self.total, state.history.loss)
                 if state.step % self.every == 0 or state.step == self.total:
                     self._checkpoint(progress)
                 if config.callback is not None:

@@ -100,7 +100,7 @@ class FitConfig:
             check_bool(name, getattr(self, name))
         positive_int("seed", self.seed, minimum=0)
         if self.callback is not None and not callable(self.callback):
-            raise TypeError(f"callback must be callable(step, train_bpd), got {self.callback!r}")
+            raise TypeError(f"callback must be callable(step, loss), got {self.callback!r}")
         check_distributed(self.distributed)
         if self.checkpoint is not None and not isinstance(self.checkpoint, str | os.PathLike):
             raise TypeError(f"checkpoint must be a path or None, got {self.checkpoint!r}")

@@ -21,10 +21,10 @@ from pyro_flows_ext.train._loop import Trainer
 from pyro_flows_ext.train.config import FitConfig, resolve_device
 from pyro_flows_ext.train.data import examples
 from pyro_flows_ext.train.distributed import setup_distributed
+from pyro_flows_ext.train.history import History
 from pyro_flows_ext.train.preprocess import DequantizeSpec
-from pyro_flows_ext.train.state import History, TrainingDivergedError
 
-__all__ = ["History", "TrainingDivergedError", "fit", "resolve_device"]
+__all__ = ["fit", "resolve_device"]
 
 
 def fit(
@@ -89,7 +89,8 @@ def fit(
         seed: seeds batch order and dequantization noise.
         bf16: bfloat16 autocast (CUDA only). ``compile``: ``torch.compile`` the coupling
             networks in place (worth it on GPUs; compiling takes a while).
-        callback: ``callback(step, train_bpd)`` after every step (in every process).
+        callback: ``callback(step, loss)`` after every step, the loss in bits/dim (in every
+            process).
         distributed: train data-parallel with ``DistributedDataParallel`` (``True``), in one
             process (``False``), or when started by ``torchrun`` or inside an initialised
             process group (``None``). Each process then uses ``cuda:LOCAL_RANK`` (NCCL) or
@@ -111,7 +112,7 @@ def fit(
         >>> flow = realnvp(2, depth=2, hidden_dims=[16])
         >>> data = torch.randn(512, 2) + 4 * torch.randint(0, 2, (512, 1))  # two clusters
         >>> h = fit(flow, data, steps=60, lr=3e-3, progress=False, device="cpu")
-        >>> sum(h.train_bpd[-10:]) < sum(h.train_bpd[:10])
+        >>> sum(h.loss[-10:]) < sum(h.loss[:10])
         True
 
         A class-conditional model ``p(x | c)``, the context one-hot labels:

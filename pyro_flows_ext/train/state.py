@@ -1,10 +1,10 @@
-"""What changes while :func:`~pyro_flows_ext.train.fit` trains: :class:`History` (what was
-measured) and :class:`TrainingState` (everything a checkpoint keeps, and how it is saved and
-restored)."""
+"""What changes while :func:`~pyro_flows_ext.train.fit` trains: :class:`TrainingState`
+(everything a checkpoint keeps, with the :class:`~pyro_flows_ext.train.History`, and how it is
+saved and restored)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,45 +12,9 @@ from torch import Tensor, nn
 
 from pyro_flows_ext.train._steps import Objective, snapshot
 from pyro_flows_ext.train.checkpoint import Checkpoint, get_rng_state, set_rng_state
+from pyro_flows_ext.train.history import History
 
-__all__ = ["History", "TrainingDivergedError", "TrainingState"]
-
-
-class TrainingDivergedError(FloatingPointError):
-    """The loss, a gradient or the weights became NaN or infinite at ``step``."""
-
-    def __init__(self, message: str, step: int) -> None:
-        super().__init__(message)
-        self.step = step
-
-
-@dataclass
-class History:
-    """What :func:`~pyro_flows_ext.train.fit` measured. Steps count from 1.
-
-    Attributes:
-        step, train_bpd, step_time: per training step, the batch's bits/dim and seconds.
-        valid_step, valid_bpd: per evaluation, validation bits/dim.
-        best_step, best_valid: the evaluation with the lowest validation bits/dim (its weights
-            are the flow's when ``fit`` returns).
-        stopped_early: whether early stopping ended the run.
-    """
-
-    step: list[int] = field(default_factory=list)
-    train_bpd: list[float] = field(default_factory=list)
-    step_time: list[float] = field(default_factory=list)
-    valid_step: list[int] = field(default_factory=list)
-    valid_bpd: list[float] = field(default_factory=list)
-    best_step: int | None = None
-    best_valid: float | None = None
-    stopped_early: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> History:
-        return cls(**d)
+__all__ = ["TrainingState"]
 
 
 Weights = tuple[dict[str, Tensor], dict[str, Tensor]]
@@ -81,15 +45,13 @@ class TrainingState:
 
     def record_step(self, train_bpd: float, seconds: float) -> None:
         self.step += 1
-        self.history.step.append(self.step)
-        self.history.train_bpd.append(train_bpd)
-        self.history.step_time.append(seconds)
+        self.history.record(train_bpd, seconds)
 
     def record_eval(self, valid_bpd: float, patience: int | None) -> None:
         """Log a validation score, keep the best weights, and count towards early stopping."""
         history = self.history
         history.valid_step.append(self.step)
-        history.valid_bpd.append(valid_bpd)
+        history.valid_loss.append(valid_bpd)
         if history.best_valid is None or valid_bpd < history.best_valid:
             history.best_valid, history.best_step, self.bad_evals = valid_bpd, self.step, 0
             self.best = (snapshot(self.objective.flow), snapshot(self.learned))

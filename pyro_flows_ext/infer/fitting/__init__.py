@@ -3,6 +3,6 @@
 (:mod:`~pyro_flows_ext.infer.fitting.neutra`)."""
 
 from pyro_flows_ext.infer.fitting.neutra import NeuTraDraws, neutra_mcmc
-from pyro_flows_ext.infer.fitting.svi import FitHistory, NonFiniteLossError, fit_guide
+from pyro_flows_ext.infer.fitting.svi import fit_guide
 
-__all__ = ["FitHistory", "NeuTraDraws", "NonFiniteLossError", "fit_guide", "neutra_mcmc"]
+__all__ = ["NeuTraDraws", "fit_guide", "neutra_mcmc"]

@@ -18,59 +18,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_flows_ext.checks import check_bool, positive_float, positive_int
+from pyro_flows_ext.train import History, TrainingDivergedError
 
-__all__ = ["FitHistory", "NonFiniteLossError", "fit_guide"]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The ELBO loss of step :attr:`step` (0-based: ``history.loss`` holds the finite losses
-    of the steps before it) was not finite, or the step met non-finite parameters.
-
-    Attributes:
-        step: the failing step.
-        loss: its loss (``nan`` or ``inf``).
-        history: the :class:`FitHistory` up to that step.
-    """
-
-    def __init__(self, step: int, loss: float, history: FitHistory, detail: str = "") -> None:
-        self.step = step
-        self.loss = loss
-        self.history = history
-        super().__init__(
-            f"the ELBO loss is not finite at step {step} (loss {loss}){detail}; lower lr, "
-            f"use more particles, or check the model and the guide's start"
-        )
-
-
-@dataclass
-class FitHistory:
-    """What :func:`fit_guide` did.
-
-    Attributes:
-        loss: the loss (negative ELBO estimate) of every step taken.
-        smoothed_elbo: the smoothed ELBO after every step (bias-corrected moving average).
-        stopped_early: whether ``patience`` stopped the fit before ``steps``.
-        seconds: wall-clock seconds of the fit.
-        cpu_seconds: CPU seconds of this process during the fit.
-    """
-
-    loss: list[float] = field(default_factory=list)
-    smoothed_elbo: list[float] = field(default_factory=list)
-    stopped_early: bool = False
-    seconds: float = 0.0
-    cpu_seconds: float = 0.0
-
-    @property
-    def elbo(self) -> float:
-        """The last smoothed ELBO (``nan`` before any step)."""
-        return self.smoothed_elbo[-1] if self.smoothed_elbo else math.nan
+__all__ = ["fit_guide"]
 
 
 class _Smoother:
@@ -132,7 +88,7 @@ def fit_guide(
     max_plate_nesting: int | None = None,
     progress: bool = True,
     **kwargs: Any,
-) -> FitHistory:
+) -> History:
     """Fit ``guide`` to ``model`` by SVI with the recommended protocol (module docstring).
 
     Args:
@@ -153,11 +109,12 @@ def fit_guide(
         progress: show a tqdm bar with the smoothed ELBO.
 
     Returns:
-        :class:`FitHistory`.
+        the :class:`~pyro_flows_ext.train.History` (``loss``: the negative ELBO estimate of
+        every step; ``smoothed``: its moving average; ``elbo``: the last smoothed ELBO).
 
     Raises:
-        NonFiniteLossError: (a ``FloatingPointError``) naming the step whose loss, or whose
-            updated parameters, were not finite.
+        TrainingDivergedError: (a ``FloatingPointError``) naming the step (from 1) whose
+            loss, or whose updated parameters, were not finite, with the history before it.
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -196,17 +153,18 @@ def _run(
     progress: bool,
     args: tuple,
     kwargs: dict,
-) -> FitHistory:
+) -> History:
     from tqdm.auto import tqdm
 
-    history = FitHistory()
+    history = History()
     start, start_cpu = time.perf_counter(), time.process_time()
     every = max(1, steps // 200)
     with tqdm(total=steps, disable=not progress, unit="step", desc="fit_guide") as bar:
         for step in range(steps):
+            tick = time.perf_counter()
             loss = _step(svi, step, history, args, kwargs)
-            history.loss.append(loss)
-            history.smoothed_elbo.append(smoother.update(-loss))
+            history.record(loss, time.perf_counter() - tick)
+            history.smoothed.append(-smoother.update(-loss))
             if (step + 1) % every == 0 or step + 1 == steps:
                 bar.update(step + 1 - bar.n)
                 bar.set_postfix(elbo=f"{history.elbo:.4g}", refresh=False)
@@ -219,17 +177,25 @@ def _run(
     return history
 
 
-def _step(svi: SVI, step: int, history: FitHistory, args: tuple, kwargs: dict) -> float:
-    """One SVI step; :class:`NonFiniteLossError` when its loss is not finite, or when the
-    step fails because the previous update left non-finite parameters (Pyro's argument
-    validation reports "invalid values")."""
+def _step(svi: SVI, step: int, history: History, args: tuple, kwargs: dict) -> float:
+    """One SVI step (``step`` from 0); :class:`~pyro_flows_ext.train.TrainingDivergedError`
+    when its loss is not finite, or when the step fails because the previous update left
+    non-finite parameters (Pyro's argument validation reports "invalid values")."""
     try:
         loss = float(svi.step(*args, **kwargs))
     except ValueError as err:
         if "invalid values" not in str(err) or step == 0:
             raise
-        detail = f": the parameters left by step {step - 1} are not finite ({err})"
-        raise NonFiniteLossError(step, math.nan, history, detail) from err
+        detail = f": the parameters left by step {step} are not finite ({err})"
+        raise _diverged(step + 1, math.nan, history, detail) from err
     if not math.isfinite(loss):
-        raise NonFiniteLossError(step, loss, history)
+        raise _diverged(step + 1, loss, history)
     return loss
+
+
+def _diverged(step: int, loss: float, history: History, detail: str = "") -> TrainingDivergedError:
+    message = (
+        f"the ELBO loss is not finite at step {step} (loss {loss}){detail}; lower lr, "
+        f"use more particles, or check the model and the guide's start"
+    )
+    return TrainingDivergedError(message, step, loss, history)
