@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from pyro_flows_ext.checks import as_event_shape, positive_float, positive_int
 from pyro_flows_ext.nn import HIDDEN_CHANNELS, ConvNet, mlp
 from pyro_flows_ext.train.preprocess import Dequantize, _sum_event
+from pyro_flows_ext.transforms.maps import CLAMP
 
 __all__ = ["VariationalDequantize"]
 
@@ -60,7 +61,7 @@ class VariationalDequantize(Dequantize, nn.Module):
         alpha: float = 0.05,
         logit: bool = True,
         hidden: int = HIDDEN_CHANNELS,
-        clamp: float = 3.0,
+        clamp: float = CLAMP,
     ) -> None:
         nn.Module.__init__(self)
         Dequantize.__init__(self, levels, alpha, logit)
