@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from torch.distributions import ComposeTransform, Transform
 
 from pyro_flows_ext.checks import EventShape, as_event_shape, check_input, positive_int
-from pyro_flows_ext.transforms.coupling import Coupling, coupling_partition
+from pyro_flows_ext.transforms.coupling import Coupling, coupling_parts
 from pyro_flows_ext.transforms.maps import ElementwiseMap
 from pyro_flows_ext.transforms.masks import Partition
-from pyro_flows_ext.transforms.networks import Network, build_network
+from pyro_flows_ext.transforms.networks import Network
 from pyro_flows_ext.transforms.split import FactorOut
 from pyro_flows_ext.transforms.stack import Stack
 
@@ -74,14 +74,9 @@ class ConditionalCoupling(ConditionalTransformModule):
         super().__init__()
         self.event_shape = as_event_shape(event_shape)
         self.context_dim = positive_int("context_dim", context_dim)
-        if not isinstance(transformer, ElementwiseMap):
-            raise TypeError(
-                f"transformer must be an ElementwiseMap, got {type(transformer).__name__}"
-            )
         self.transformer = transformer
-        self.partition = coupling_partition(self.event_shape, mask, parity)
-        self.conditioner = build_network(
-            network, self.partition, transformer.num_params, self.context_dim
+        self.partition, self.conditioner = coupling_parts(
+            self.event_shape, transformer, network, mask, parity, self.context_dim
         )
 
     def condition(self, context: Tensor) -> Coupling:

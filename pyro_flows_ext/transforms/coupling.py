@@ -14,9 +14,9 @@ the caching for every kind of map; the conditional twin is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from pyro_flows_ext.checks import EventShape, as_event_shape, check_input
 from pyro_flows_ext.transforms._base import CachedTransformModule
@@ -24,24 +24,37 @@ from pyro_flows_ext.transforms.maps import ElementwiseMap
 from pyro_flows_ext.transforms.masks import Partition, make_partition
 from pyro_flows_ext.transforms.networks import Network, build_network
 
-__all__ = ["Coupling", "coupling_partition"]
+__all__ = ["Coupling", "coupling_parts"]
 
 
-def coupling_partition(
-    event_shape: EventShape, mask: str | Partition | None, parity: int
-) -> Partition:
-    """``mask`` itself when it is a :class:`~pyro_flows_ext.transforms.Partition` of
-    ``event_shape``, else :func:`~pyro_flows_ext.transforms.masks.make_partition`'s.
+def coupling_parts(
+    event_shape: EventShape,
+    transformer: ElementwiseMap,
+    network: Network | None,
+    mask: str | Partition | None,
+    parity: int,
+    context_dim: int = 0,
+) -> tuple[Partition, nn.Module]:
+    """The partition and the network of a coupling (plain or conditional): ``mask`` itself when
+    it is a :class:`~pyro_flows_ext.transforms.Partition` of ``event_shape``, else
+    :func:`~pyro_flows_ext.transforms.masks.make_partition`'s; the network built for it
+    (:func:`~pyro_flows_ext.transforms.networks.build_network`), with the map checked.
 
     Example:
-        >>> coupling_partition((4,), "half", 1).event_shape
-        (4,)
+        >>> from pyro_flows_ext.transforms import AffineMap
+        >>> part, net = coupling_parts((4,), AffineMap(), None, "half", 1)
+        >>> part.conditioner_shape, type(net).__name__
+        ((2,), 'DenseNN')
     """
+    if not isinstance(transformer, ElementwiseMap):
+        raise TypeError(f"transformer must be an ElementwiseMap, got {type(transformer).__name__}")
     if isinstance(mask, Partition):
         if mask.event_shape != event_shape:
             raise ValueError(f"partition of shape {mask.event_shape} given for {event_shape}")
-        return mask
-    return make_partition(event_shape, mask, parity)
+        partition = mask
+    else:
+        partition = make_partition(event_shape, mask, parity)
+    return partition, build_network(network, partition, transformer.num_params, context_dim)
 
 
 class Coupling(CachedTransformModule):
@@ -91,16 +104,9 @@ class Coupling(CachedTransformModule):
     ) -> None:
         shape = as_event_shape(event_shape)
         super().__init__(event_dim=len(shape), cache_size=cache_size)
-        if not isinstance(transformer, ElementwiseMap):
-            raise TypeError(
-                f"transformer must be an ElementwiseMap, got {type(transformer).__name__}"
-            )
         self.event_shape = shape
         self.transformer = transformer
-        self.partition = coupling_partition(shape, mask, parity)
-        self.conditioner: Callable[[Tensor], Tensor | Sequence[Tensor]] = build_network(
-            network, self.partition, transformer.num_params
-        )
+        self.partition, self.conditioner = coupling_parts(shape, transformer, network, mask, parity)
 
     def _check(self, x: Tensor, name: str) -> None:
         check_input(x, self.event_shape, name)
