@@ -87,6 +87,17 @@ def test_demo_defaults_build_the_documented_model() -> None:
     assert cli_commands.make_preprocess(args, split).config() == Dequantize(17).config()
 
 
+def test_fit_compile_compiles_the_coupling_networks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiled: list[torch.nn.Module] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    assert main(["fit", "--out", str(tmp_path), *TINY]) == 0
+    assert not compiled
+    assert main(["fit", "--compile", "--restart", "--out", str(tmp_path), *TINY]) == 0
+    assert len(compiled) == 3  # 2 levels of 1 step, and the split prior
+
+
 def test_fit_variational_dequantization(tmp_path: Path) -> None:
     assert main(["fit", "--dequantize", "variational", "--out", str(tmp_path), *TINY]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -1,5 +1,6 @@
 """Maximum-likelihood training of flows: preprocessing, metrics, ``fit``, checkpoints."""
 
+from pyro_flows_ext.train._steps import compile_conditioners
 from pyro_flows_ext.train.checkpoint import (
     Checkpoint,
     CheckpointMismatchError,
@@ -42,6 +43,7 @@ __all__ = [
     "VariationalDequantize",
     "as_preprocess",
     "bits_per_dim",
+    "compile_conditioners",
     "fit",
     "is_main_process",
     "load_checkpoint",

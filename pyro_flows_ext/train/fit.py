@@ -87,8 +87,12 @@ def fit(
             ``resume`` and an existing file, training continues from it exactly.
         progress: show a tqdm bar with the running bits/dim.
         seed: seeds batch order and dequantization noise.
-        bf16: bfloat16 autocast (CUDA only). ``compile``: ``torch.compile`` the coupling
-            networks in place (worth it on GPUs; compiling takes a while).
+        bf16: bfloat16 autocast (CUDA only).
+        compile: ``torch.compile`` the coupling networks in place (see
+            :func:`~pyro_flows_ext.train.compile_conditioners`); the losses are those of
+            the eager run to float tolerance. Compiling takes a while (about a minute on a
+            CPU for a small Glow) and pays on GPUs; ``benchmarks/throughput.py --compile``
+            measures both.
         callback: ``callback(step, loss)`` after every step, the loss in bits/dim (in every
             process).
         distributed: train data-parallel with ``DistributedDataParallel`` (``True``), in one
