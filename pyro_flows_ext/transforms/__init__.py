@@ -3,7 +3,7 @@
 Direction follows Pyro: ``forward`` maps noise to data, ``inv`` maps data to noise.
 """
 
-from pyro_flows_ext.transforms._base import CachedTransformModule
+from pyro_flows_ext.transforms._base import CachedTransformModule, NoSignError
 from pyro_flows_ext.transforms.actnorm import ActNorm, actnorm
 from pyro_flows_ext.transforms.conditional import (
     ConditionalAffineCoupling,
@@ -60,6 +60,7 @@ __all__ = [
     "LowRankAffine",
     "LowerAffine",
     "MaskPartition",
+    "NoSignError",
     "Partition",
     "PermuteTransform",
     "SlicePartition",

@@ -72,6 +72,8 @@ class Coupling(CachedTransformModule):
         True
     """
 
+    sign = +1  # its Jacobian determinant is positive
+
     num_params = 1
 
     def __init__(

@@ -16,13 +16,17 @@ stopping watches.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
+import torch
+from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.util import zero_grads
 
 from pyro_flows_ext.checks import check_bool, positive_float, positive_int
 
@@ -30,12 +34,12 @@ __all__ = ["FitHistory", "NonFiniteLossError", "fit_guide"]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The ELBO loss of step :attr:`step` (0-based: ``history.loss`` holds the finite losses
-    of the steps before it) was not finite, or the step met non-finite parameters.
+    """The ELBO loss or a gradient of step :attr:`step` (0-based: ``history.loss`` holds the
+    finite losses of the steps before it) was not finite. The step was not applied.
 
     Attributes:
         step: the failing step.
-        loss: its loss (``nan`` or ``inf``).
+        loss: its loss (``nan`` or ``inf``; finite when only a gradient was not).
         history: the :class:`FitHistory` up to that step.
     """
 
@@ -43,9 +47,10 @@ class NonFiniteLossError(FloatingPointError):
         self.step = step
         self.loss = loss
         self.history = history
+        what = "is not finite" if not math.isfinite(loss) else "has a non-finite gradient"
         super().__init__(
-            f"the ELBO loss is not finite at step {step} (loss {loss}){detail}; lower lr, "
-            f"use more particles, or check the model and the guide's start"
+            f"the ELBO loss {what} at step {step} (loss {loss}){detail}; lower lr, use more "
+            f"particles, or check the model and the guide's start"
         )
 
 
@@ -156,8 +161,10 @@ def fit_guide(
         :class:`FitHistory`.
 
     Raises:
-        NonFiniteLossError: (a ``FloatingPointError``) naming the step whose loss, or whose
-            updated parameters, were not finite.
+        NonFiniteLossError: (a ``FloatingPointError``) naming the step whose loss or
+            gradient was not finite (or, with Pyro's validation on, whose model or guide
+            computed a NaN). That step is not applied: the guide keeps the parameters of the
+            last good step.
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -220,16 +227,58 @@ def _run(
 
 
 def _step(svi: SVI, step: int, history: FitHistory, args: tuple, kwargs: dict) -> float:
-    """One SVI step; :class:`NonFiniteLossError` when its loss is not finite, or when the
-    step fails because the previous update left non-finite parameters (Pyro's argument
-    validation reports "invalid values")."""
+    """One SVI step, applied only when its loss and every gradient are finite (``SVI.step``
+    applies it whatever they are): else :class:`NonFiniteLossError`, and the parameters are
+    those the previous step left. With Pyro's validation on, a distribution that receives a
+    NaN or infinite argument (reported as "invalid values") is the same failure."""
+    capture = poutine.trace(param_only=True)
     try:
-        loss = float(svi.step(*args, **kwargs))
+        with capture:
+            loss = float(svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs))
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(step, loss, history, "; the step was not applied")
+        params = _params(capture)
+        grads = [(p, p.grad) for p in params if p.grad is not None]
+        finite = [torch.isfinite(g).all() for _, g in grads]
+        if finite and not bool(torch.stack(finite).all()):  # one device sync per step
+            names = _names([p for (p, _), ok in zip(grads, finite, strict=True) if not ok])
+            detail = f"; the gradient of {names} is not finite, so the step was not applied"
+            raise NonFiniteLossError(step, loss, history, detail)
+        svi.optim(params)
     except ValueError as err:
-        if "invalid values" not in str(err) or step == 0:
+        if "invalid values" not in str(err) or not _NON_FINITE.search(str(err)):
             raise
-        detail = f": the parameters left by step {step - 1} are not finite ({err})"
-        raise NonFiniteLossError(step, math.nan, history, detail) from err
-    if not math.isfinite(loss):
-        raise NonFiniteLossError(step, loss, history)
+        raise NonFiniteLossError(step, math.nan, history, _invalid_value(err)) from err
+    finally:
+        zero_grads(_params(capture))  # a step that failed part-way leaves no gradient behind
     return loss
+
+
+def _params(capture: Any) -> set[torch.Tensor]:
+    """The unconstrained parameters a (possibly interrupted) traced step touched."""
+    return {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+
+
+_NON_FINITE = re.compile(r"\b(nan|inf)\b")
+
+
+def _names(tensors: list[torch.Tensor], limit: int = 3) -> str:
+    store = pyro.get_param_store()
+    names = [store.param_name(t) or f"a tensor of shape {tuple(t.shape)}" for t in tensors]
+    return ", ".join(names[:limit]) + (
+        f" and {len(names) - limit} more" if len(names) > limit else ""
+    )
+
+
+def _invalid_value(err: ValueError) -> str:
+    """What a validation error's NaN means: the parameters when they are not finite, else
+    the model or guide computed a non-finite value from finite parameters."""
+    store = pyro.get_param_store()
+    bad = [t for _, t in store.named_parameters() if not bool(torch.isfinite(t).all())]
+    first = " ".join(str(err).splitlines()[:2])  # the message and the offending value
+    if bad:
+        return f": the parameters {_names(bad)} are not finite ({first})"
+    return (
+        f": the model or guide computed a non-finite value from finite parameters ({first}); "
+        f"the step was not applied"
+    )
