@@ -51,6 +51,32 @@ def test_shapes_and_broadcasting(flow: Flow) -> None:
     assert flow.rsample((3,), temperature=0.5, context=c[:2]).shape == (3, 2, *flow.event_shape)
 
 
+def test_every_example_under_every_context(flow: Flow) -> None:
+    """``x`` of shape ``(N, 1, *event)`` with contexts ``(K, C)`` scores ``(N, K)``: example
+    ``n`` under context ``k`` (issue 17, item 8)."""
+    x = torch.randn(4, 1, *flow.event_shape, dtype=torch.float64)
+    c = torch.randn(3, K, dtype=torch.float64)
+    pairs = flow.log_prob(x, context=c)
+    assert pairs.shape == (4, 3)
+    for k in range(3):
+        one = flow.log_prob(x[:, 0], context=c[k].expand(4, K))
+        torch.testing.assert_close(pairs[:, k], one)
+
+
+def test_a_context_batch_that_does_not_match_names_context(flow: Flow) -> None:
+    x = torch.randn(5, *flow.event_shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"context.*\(6,\).*x.*\(5,\)"):
+        flow.log_prob(x, context=torch.randn(6, K, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), 0.0, -1.0, True])
+def test_a_temperature_that_is_not_finite_and_positive_is_an_error(
+    flow: Flow, temperature: float
+) -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        flow.sample((2,), context=torch.zeros(K, dtype=torch.float64), temperature=temperature)
+
+
 def test_the_context_changes_the_density(flow: Flow) -> None:
     x = torch.randn(4, *flow.event_shape, dtype=torch.float64)
     c0, c1 = torch.zeros(K, dtype=torch.float64), torch.ones(K, dtype=torch.float64)

@@ -159,6 +159,36 @@ def test_khat_of_a_guide_with_too_light_tails_is_large() -> None:
     assert low < high and high > 0.6 and k.ess < 4000 / 2
 
 
+def _cut(where: str):
+    """The standard normal times a factor that is ``where`` (``+inf`` or ``-inf``) above 1.5."""
+
+    def model() -> None:
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        value = math.inf if where == "+inf" else -math.inf
+        pyro.factor("cut", torch.where(x > 1.5, torch.tensor(value), torch.tensor(0.0)))
+
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:Encountered \\+inf:UserWarning")
+def test_infinite_log_weights_are_never_good() -> None:
+    """Draws with log weight ``+inf`` (the guide has no density where the model has some)
+    make the weights unbounded: k-hat is infinite, not -4.5 (issue 17, item 10)."""
+    k = psis_khat(_cut("+inf"), exact_guide, num_samples=1000)
+    assert float(k) == math.inf and k.verdict == "do not trust"
+    draws = importance_resample(_cut("+inf"), exact_guide, num_samples=1000)
+    assert (draws["x"] > 1.5).all()  # all the weight is where it is infinite
+
+
+def test_minus_infinite_log_weights_are_zero_weights() -> None:
+    """Draws the model rules out (log weight ``-inf``) get weight zero; the others are
+    exact here, so the reading is good."""
+    k = psis_khat(_cut("-inf"), exact_guide, num_samples=1000)
+    assert k.verdict == "good" and k.ess < 1000
+    draws = importance_resample(_cut("-inf"), exact_guide, num_samples=1000)
+    assert (draws["x"] <= 1.5).all()
+
+
 # ------------------------------------------------------------------ importance draws ------
 def test_vectorised_and_looped_weights_agree_with_direct_evaluation() -> None:
     guide = hierarchical_guide()

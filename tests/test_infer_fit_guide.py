@@ -136,3 +136,69 @@ def test_arguments_are_validated(kwargs: dict, error: type, match: str) -> None:
 def test_model_and_guide_must_be_callable() -> None:
     with pytest.raises(TypeError, match="guide"):
         fit_guide(gaussian, "guide", torch.ones(2))
+
+
+def _nan_gradient_after(calls: int):
+    """A model whose factor's gradient turns NaN after ``calls`` executions."""
+    count = {"n": 0}
+
+    def model() -> None:
+        count["n"] += 1
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.factor("f", x * (math.nan if count["n"] > calls else 0.1))
+
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN:UserWarning")
+def test_the_failing_step_is_not_applied() -> None:
+    """With Pyro's validation off a NaN loss comes with NaN gradients; applying them would
+    leave the guide NaN. The step is refused: the guide keeps the last good parameters."""
+    model = _nan_gradient_after(6)
+    guide = AutoNormal(model)
+    seen: list[dict[str, torch.Tensor]] = []
+    original = pyro.infer.Trace_ELBO.loss_and_grads
+
+    def spy(self, *args, **kwargs):  # the parameters before every step
+        seen.append({k: v.detach().clone() for k, v in pyro.get_param_store().items()})
+        return original(self, *args, **kwargs)
+
+    pyro.enable_validation(False)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(pyro.infer.Trace_ELBO, "loss_and_grads", spy)
+            with pytest.raises(TrainingDivergedError, match="not applied"):
+                fit_guide(model, guide, steps=20, num_particles=1, progress=False)
+    finally:
+        pyro.enable_validation(True)
+    after = {k: v.detach() for k, v in pyro.get_param_store().items()}
+    assert all(torch.isfinite(v).all() for v in after.values())
+    for k, v in seen[-1].items():  # exactly the parameters before the failing step
+        assert torch.equal(after[k], v), k
+    assert math.isfinite(guide.median()["x"].item())
+
+
+def test_a_nan_from_the_model_does_not_blame_the_parameters() -> None:
+    """With validation on, Pyro reports the model's NaN factor as an invalid value; the error
+    must say the model or guide computed it, not that the parameters are not finite."""
+    model = _nan_gradient_after(6)
+    with pytest.raises(TrainingDivergedError) as info:
+        fit_guide(model, AutoNormal(model), steps=20, num_particles=1, progress=False)
+    message = str(info.value)
+    assert "model or guide computed a non-finite value" in message
+    assert "parameters left by" not in message and "log_factor" in message
+    assert all(torch.isfinite(v).all() for v in pyro.get_param_store().values())
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_refused_too() -> None:
+    def model() -> None:
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.factor("f", torch.sqrt(x.abs() * 0))  # finite value, infinite gradient at 0
+
+    def guide() -> None:
+        loc = pyro.param("loc", torch.tensor(0.0))
+        pyro.sample("x", dist.Delta(loc))
+
+    with pytest.raises(TrainingDivergedError, match="gradient of loc is not finite"):
+        fit_guide(model, guide, steps=5, num_particles=1, progress=False)
+    assert pyro.param("loc").item() == 0.0

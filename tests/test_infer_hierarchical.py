@@ -228,9 +228,13 @@ def test_encoders_amortise_a_plate() -> None:
 def test_globals_couplings_are_splines_for_few_elements_affine_for_many() -> None:
     from pyro_flows_ext.transforms import AffineMap, SplineMap
 
-    few = AutoHierarchicalFlow(funnel).initialize(torch.zeros(5))
-    many = AutoHierarchicalFlow(funnel).initialize(torch.zeros(AutoHierarchicalFlow.AFFINE_FROM))
-    chosen = AutoHierarchicalFlow(funnel, coupling="affine").initialize(torch.zeros(5))
+    def build(y: torch.Tensor, **options: str) -> AutoHierarchicalFlow:
+        pyro.clear_param_store()  # guides of one class share their names in the store
+        return AutoHierarchicalFlow(funnel, **options).initialize(y)
+
+    few = build(torch.zeros(5))
+    many = build(torch.zeros(AutoHierarchicalFlow.AFFINE_FROM))
+    chosen = build(torch.zeros(5), coupling="affine")
     assert few.global_flow[0].transformer == SplineMap()
     assert many.global_flow[0].transformer == AffineMap(clamp=few.clamp)
     assert chosen.global_flow[0].transformer == AffineMap(clamp=few.clamp)

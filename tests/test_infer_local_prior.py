@@ -35,6 +35,7 @@ def regression(y: torch.Tensor) -> None:
 
 
 def starts(model, *args, **kwargs):
+    pyro.clear_param_store()  # a fresh start, not the values of the last guide of this name
     guide = AutoHierarchicalFlow(model, **kwargs)
     guide.initialize(*args)
     return guide, guide.local_flows[0]

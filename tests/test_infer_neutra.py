@@ -122,6 +122,20 @@ def test_bad_guides_and_models() -> None:
         neutra_mcmc("model", None)
 
 
+def test_a_guide_of_another_model_is_an_error() -> None:
+    """Not plain NUTS with the model's raw draws labelled as the whitened chains (issue 17,
+    item 9)."""
+    guide = AutoCouplingFlow(gaussian, depth=0).initialize()
+    with pytest.raises(ValueError, match=r"another model.*'z'.*'scale'"):
+        neutra_mcmc(constrained, guide, num_samples=5, warmup_steps=5)
+
+    def wider() -> None:
+        pyro.sample("z", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+
+    with pytest.raises(ValueError, match=r"'z' has shape \(2,\) in the guide, \(3,\)"):
+        neutra_mcmc(wider, guide, num_samples=5, warmup_steps=5)
+
+
 def test_one_pass_reparam_matches_pyros_neutra() -> None:
     from pyro import poutine
     from pyro.infer.reparam import NeuTraReparam

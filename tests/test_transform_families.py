@@ -108,6 +108,34 @@ def test_actnorm_loaded_is_not_reinitialised() -> None:
     assert torch.equal(fresh.inv(y), t.inv(y.clone()))
 
 
+def test_a_batch_with_nan_does_not_initialise_actnorm() -> None:
+    """A NaN (or inf) in the first batch a flow scores must not become its data-dependent
+    state: the layer waits for a finite batch (issue 17, item 5)."""
+    t = T.ActNorm(3)
+    bad = 2 + torch.randn(10, 3)
+    bad[0, 1] = math.nan
+    t.inv(bad)
+    assert not t.initialized
+    y = 2 + 3 * torch.randn(50, 3)
+    z = t.inv(y)
+    assert t.initialized and torch.isfinite(z).all()
+    assert torch.allclose(z.mean(0), torch.zeros(3), atol=1e-5)
+
+
+def test_a_flow_that_scored_a_nan_batch_still_trains() -> None:
+    from pyro_flows_ext import fit, realnvp
+
+    torch.manual_seed(0)
+    flow = realnvp(2, depth=2, hidden_dims=[8])
+    x = torch.randn(64, 2)
+    bad = x.clone()
+    bad[0, 0] = math.inf
+    assert not torch.isfinite(flow.log_prob(bad)[0])  # the bad row scores non-finite
+    assert torch.isfinite(flow.log_prob(x)).all()  # clean data scores finite
+    history = fit(flow, x, steps=5, batch_size=32, progress=False)
+    assert len(history.loss) == 5
+
+
 def test_actnorm_without_data_init_stays_identity() -> None:
     t = T.ActNorm(3, data_init=False)
     y = 5 + torch.randn(4, 3)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import io
+import pickle
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -276,6 +279,71 @@ def test_svi_with_pyro_module(name: str) -> None:
         assert set(pyro.get_param_store().keys()) == {
             f"flow$$${n}" for n, _ in module.named_parameters()
         }
+
+
+def test_sign_is_hasattr_safe_and_matches_the_jacobian(name: str) -> None:
+    """``hasattr(t, "sign")`` never raises (TorchScript's ``trace_module`` asks every module
+    attribute that way; torch's ``Transform.sign`` raises ``NotImplementedError``, which stops
+    the trace); where a transform reports a sign it is that of ``det J``."""
+    t, _ = make(name)
+    case = CASES[name]
+    if not hasattr(t, "sign"):
+        with pytest.raises(AttributeError):  # an nn.Module's own, or NoSignError
+            t.sign  # noqa: B018
+        return
+    x = torch.randn(case.event_shape, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(
+        lambda v: t(v.reshape(case.event_shape)).reshape(-1), x.reshape(-1)
+    )
+    assert int(t.sign) == int(torch.linalg.slogdet(jac)[0])
+
+
+class _Calls(nn.Module):
+    """``forward(x) = t(x)``, ``inverse(y) = t.inv(y)``: a transform inside a module, as a
+    guide or a flow holds it, for ``torch.jit.trace_module``."""
+
+    def __init__(self, t: Transform) -> None:
+        super().__init__()
+        self.t = t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.t(x)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return self.t.inv(y)
+
+
+def test_torchscript_trace(name: str) -> None:
+    """Both directions traced with ``torch.jit.trace_module`` (every attribute of every
+    submodule is read on the way) give the eager values on new inputs; a transform without
+    parameters traces as a plain function too."""
+    t, module = make(name)
+    no_cache(t)
+    case = CASES[name]
+    x = torch.randn((3,) + case.event_shape, dtype=torch.float64)
+    y = torch.randn((3,) + case.y_shape, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
+        traced = torch.jit.trace_module(_Calls(t), {"forward": x, "inverse": y})
+        if module is None or not list(module.parameters()):
+            fn = torch.jit.trace(lambda v: t(v), x)
+            x2 = torch.randn_like(x)
+            torch.testing.assert_close(fn(x2), t(x2))
+    x2, y2 = torch.randn_like(x), torch.randn_like(y)
+    torch.testing.assert_close(traced(x2), t(x2), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(traced.inverse(y2), t.inv(y2), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_pickle_and_deepcopy(name: str, how: str) -> None:
+    t, _ = make(name)
+    case = CASES[name]
+    x = torch.randn((3,) + case.event_shape, dtype=torch.float64)
+    y = t(x)  # fill the cache: a copy must not carry it
+    t2 = pickle.loads(pickle.dumps(t)) if how == "pickle" else copy.deepcopy(t)
+    torch.testing.assert_close(t2(x.clone()), y)
+    torch.testing.assert_close(t2.inv(y.clone()), x, atol=1e-6, rtol=0)
 
 
 @pytest.mark.gpu

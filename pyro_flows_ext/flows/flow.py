@@ -131,8 +131,12 @@ class Flow(nn.Module):
 
     def base(self, temperature: float = 1.0) -> dist.TorchDistribution:
         """The base ``N(0, T^2 I)`` on the module's device and dtype."""
-        if not (isinstance(temperature, int | float) and temperature > 0):
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, int | float)
+            or not 0 < temperature < math.inf
+        ):
+            raise ValueError(f"temperature must be a finite positive number, got {temperature!r}")
         scale = self.base_scale * temperature if temperature != 1.0 else self.base_scale
         normal = dist.Normal(self.base_loc, scale, validate_args=False)
         return normal.to_event(len(self.event_shape))
@@ -187,11 +191,33 @@ class Flow(nn.Module):
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``log p(x)`` (``log p(x | context)``) in nats, shape ``x.shape[:-len(event_shape)]``
-        (broadcast with ``context.shape[:-1]``)."""
+        broadcast with ``context.shape[:-1]``: ``x`` of shape ``(N, 1, *event_shape)`` and
+        ``context`` of shape ``(K, C)`` give ``(N, K)``, every example under every context."""
         self._check(x)
+        if context is not None and self.context_dim:
+            x, context = self._broadcast(x, context)
         bijection = self._bijection(context)
         base = self.base()
         return dist.TransformedDistribution(base, [bijection], validate_args=False).log_prob(x)
+
+    def _broadcast(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` and ``context`` expanded to their common batch shape (views, no copies);
+        a ``ValueError`` naming both shapes when their batch shapes do not broadcast."""
+        if not isinstance(context, Tensor):
+            raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
+        check_input(context, (self.context_dim,), "context")
+        n = len(self.event_shape)
+        x_batch, c_batch = x.shape[: x.dim() - n], context.shape[:-1]
+        try:
+            batch = torch.broadcast_shapes(x_batch, c_batch)
+        except RuntimeError:
+            raise ValueError(
+                f"the batch shape of context {tuple(c_batch)} (context of shape "
+                f"{tuple(context.shape)}) does not broadcast with that of x {tuple(x_batch)} "
+                f"(x of shape {tuple(x.shape)}); give one context per example, one for all, "
+                f"or shapes such as x (N, 1, ...) and context (K, C) for every pair"
+            ) from None
+        return x.expand(batch + x.shape[x.dim() - n :]), context.expand(batch + context.shape[-1:])
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Same as :meth:`log_prob`."""

@@ -3,7 +3,7 @@
 Direction follows Pyro: ``forward`` maps noise to data, ``inv`` maps data to noise.
 """
 
-from pyro_flows_ext.transforms._base import CachedTransformModule
+from pyro_flows_ext.transforms._base import CachedTransformModule, NoSignError
 from pyro_flows_ext.transforms.actnorm import ActNorm, actnorm
 from pyro_flows_ext.transforms.conditional import ConditionalCoupling, condition_all
 from pyro_flows_ext.transforms.coupling import Coupling
@@ -55,6 +55,7 @@ __all__ = [
     "LowerAffine",
     "MaskPartition",
     "NetworkFactory",
+    "NoSignError",
     "Partition",
     "PermuteTransform",
     "SlicePartition",

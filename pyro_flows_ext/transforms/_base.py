@@ -20,7 +20,42 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from pyro_flows_ext.checks import check_input
 
-__all__ = ["CachedTransformModule", "event_constraint", "sum_event"]
+__all__ = [
+    "CachedTransformModule",
+    "NoSignError",
+    "event_constraint",
+    "permutation_sign",
+    "sum_event",
+]
+
+
+class NoSignError(AttributeError, NotImplementedError):
+    """A transform whose Jacobian determinant has no fixed sign to report. It is an
+    ``AttributeError``, so that ``hasattr(t, "sign")`` is ``False`` (TorchScript's
+    ``trace_module`` asks every module attribute with ``hasattr``, and any other error, such
+    as the ``NotImplementedError`` of torch's ``Transform.sign``, stops the trace), and a
+    ``NotImplementedError`` like torch's. On an ``nn.Module`` the caller sees the module's own
+    ``AttributeError`` (Python falls back to ``__getattr__``)."""
+
+
+def permutation_sign(perm: Tensor) -> int:
+    """The sign (+1 or -1) of the permutation ``perm`` of ``0..n-1``: -1 to the number of
+    even-length cycles.
+
+    Example:
+        >>> import torch
+        >>> permutation_sign(torch.tensor([0, 1, 2])), permutation_sign(torch.tensor([1, 0, 2]))
+        (1, -1)
+    """
+    order = [int(i) for i in perm.tolist()]
+    seen, sign = [False] * len(order), 1
+    for start in range(len(order)):
+        length, i = 0, start
+        while not seen[i]:
+            seen[i], i, length = True, order[i], length + 1
+        if length and length % 2 == 0:
+            sign = -sign
+    return sign
 
 
 @functools.cache
@@ -130,6 +165,13 @@ class CachedTransformModule(TransformModule):
     @constraints.dependent_property(is_discrete=False)
     def codomain(self) -> constraints.Constraint:
         return event_constraint(self._event_dim)
+
+    @property
+    def sign(self) -> int:
+        """The sign of the Jacobian determinant (+1 or -1) where it is fixed; subclasses say.
+        Otherwise an ``AttributeError`` (:class:`NoSignError`): ``hasattr(t, "sign")`` is
+        ``False``."""
+        raise NoSignError(f"{type(self).__name__} does not report the sign of its Jacobian")
 
     # -- to implement -------------------------------------------------------------------
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -19,8 +19,10 @@ class ActNorm(CachedTransformModule):
     ``loc`` and ``log_scale`` from that batch so that the inverse's outputs have zero mean and
     unit variance per feature/channel (over the batch and, for images, the pixels). A channel
     with (near) zero variance, or a batch of one vector, gets unit scale and only the mean
-    removed, so nothing becomes NaN. The ``initialized`` flag is a buffer: a model loaded from a
-    ``state_dict`` is not initialised again. Pass ``data_init=False`` to start at the identity
+    removed, so nothing becomes NaN. A batch holding a NaN or an infinite value does not
+    initialise it (that batch goes through the identity): the first finite batch does. The
+    ``initialized`` flag is a buffer: a model loaded from a ``state_dict`` is not initialised
+    again. Pass ``data_init=False`` to start at the identity
     and never initialise from data (e.g. inside a variational guide).
 
     ``log|det| = sum(log_scale)`` (times ``H * W`` for images).
@@ -37,6 +39,8 @@ class ActNorm(CachedTransformModule):
 
     Reference: Kingma & Dhariwal (2018), Glow.
     """
+
+    sign = +1  # its Jacobian determinant is positive
 
     initialized: Tensor
 
@@ -77,7 +81,7 @@ class ActNorm(CachedTransformModule):
         return x * self.log_scale.exp() + self.loc, self._log_det(x)
 
     def _backward(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        if not self.initialized:
+        if not self.initialized and bool(torch.isfinite(y).all()):  # never from NaN or inf
             self.initialize(y)
         return (y - self.loc) * (-self.log_scale).exp(), self._log_det(y)
 

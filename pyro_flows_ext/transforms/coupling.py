@@ -93,6 +93,8 @@ class Coupling(CachedTransformModule):
         torch.Size([5, 2, 4, 4])
     """
 
+    sign = +1  # every map is increasing: the Jacobian determinant is positive
+
     def __init__(
         self,
         event_shape: int | EventShape,

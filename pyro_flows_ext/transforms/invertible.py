@@ -29,7 +29,7 @@ from pyro_flows_ext.checks import (
     check_input,
     positive_int,
 )
-from pyro_flows_ext.transforms._base import CachedTransformModule
+from pyro_flows_ext.transforms._base import CachedTransformModule, NoSignError, permutation_sign
 
 __all__ = ["InvertibleConv1x1", "InvertibleLinear", "invertible_conv1x1", "invertible_linear"]
 
@@ -92,6 +92,24 @@ class _InvertibleMixing(CachedTransformModule):
             self.lower, perm_t, upper=False, unitriangular=True
         )
         return torch.linalg.solve_triangular(upper, l_inv_pt, upper=True)
+
+    def _matrix_sign(self) -> int:
+        """The sign of ``det W``."""
+        with torch.no_grad():
+            if not self.lu:
+                return int(torch.linalg.slogdet(self.weight)[0])
+            perm = self.perm.argmax(dim=0)  # column j of P is e_perm[j]
+            return permutation_sign(perm) * int(self.signs.prod())
+
+    @property
+    def sign(self) -> int:
+        """The sign of the Jacobian determinant: that of ``det W`` for vectors; for images
+        (``det W`` to the power ``H W``) +1 when ``det W > 0``, else it depends on ``H W``
+        and :class:`~pyro_flows_ext.transforms.NoSignError` is raised."""
+        sign = self._matrix_sign()
+        if self._event_dim == 1 or sign > 0:
+            return sign
+        raise NoSignError("the sign of an InvertibleConv1x1 with det W < 0 depends on H * W")
 
     def _log_det(self, x: Tensor) -> Tensor:
         log_det = self.log_s.sum() if self.lu else torch.linalg.slogdet(self.weight)[1]

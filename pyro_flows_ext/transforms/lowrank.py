@@ -70,6 +70,8 @@ class LowRankAffine(CachedTransformModule):
     covariance structure.
     """
 
+    sign = +1  # its Jacobian determinant is positive
+
     center: Tensor
     preconditioner: Tensor
     precond_log_det: Tensor

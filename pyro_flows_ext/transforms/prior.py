@@ -36,6 +36,8 @@ class ElementwiseAffine(CachedTransformModule):
     Reference: Kingma & Dhariwal (2018), Glow (learned prior of the top level).
     """
 
+    sign = +1  # its Jacobian determinant is positive
+
     def __init__(self, shape: int | EventShape, cache_size: int = 1) -> None:
         event_shape = as_event_shape(shape)
         super().__init__(event_dim=len(event_shape), cache_size=cache_size)

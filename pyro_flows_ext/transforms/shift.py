@@ -53,6 +53,8 @@ class _Shift(CachedTransformModule):
     """``y = x + net(context)``, evaluated at every call (so a conditioned shift reused
     across optimiser steps always sees the current weights)."""
 
+    sign = +1  # its Jacobian determinant is positive
+
     def __init__(self, net: nn.Module, context: Tensor) -> None:
         super().__init__(event_dim=1)
         self.net = net

@@ -26,7 +26,7 @@ from torch.distributions import Transform
 
 from pyro_flows_ext.checks import EventShape, as_event_shape, check_input, positive_int
 from pyro_flows_ext.nn import ZeroConv2d
-from pyro_flows_ext.transforms._base import CachedTransformModule
+from pyro_flows_ext.transforms._base import CachedTransformModule, NoSignError
 from pyro_flows_ext.transforms.coupling import Coupling
 from pyro_flows_ext.transforms.maps import AffineMap
 from pyro_flows_ext.transforms.masks import SlicePartition
@@ -132,6 +132,14 @@ class FactorOut(CachedTransformModule):
 
     def _check(self, x: Tensor, name: str) -> None:
         check_input(x, self.event_shape, name)
+
+    @property
+    def sign(self) -> int:
+        """The inner transform's sign (the passed-through channels add +1)."""
+        try:
+            return int(self.inner.sign)
+        except NotImplementedError as err:
+            raise NoSignError(f"FactorOut: {err}") from None
 
     def _inner_log_det(self, a: Tensor, b: Tensor) -> Tensor:
         log_det = self.inner.log_abs_det_jacobian(a, b)

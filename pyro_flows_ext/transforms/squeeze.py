@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.distributions import Transform
 
 from pyro_flows_ext.checks import check_input
-from pyro_flows_ext.transforms._base import event_constraint
+from pyro_flows_ext.transforms._base import NoSignError, event_constraint
 
 __all__ = ["SqueezeTransform"]
 
@@ -32,6 +32,12 @@ class SqueezeTransform(Transform):
 
     def __init__(self, cache_size: int = 0) -> None:
         super().__init__(cache_size=cache_size)
+
+    @property
+    def sign(self) -> int:
+        """Not fixed (a permutation whose sign depends on the image size):
+        :class:`~pyro_flows_ext.transforms.NoSignError`."""
+        raise NoSignError("the sign of SqueezeTransform depends on the image size")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SqueezeTransform)

@@ -15,6 +15,8 @@ from typing import Any
 from pyro.distributions.torch_transform import ComposeTransformModule
 from torch.distributions import ComposeTransform, constraints
 
+from pyro_flows_ext.transforms._base import NoSignError
+
 __all__ = ["Stack"]
 
 
@@ -45,3 +47,15 @@ class Stack(ComposeTransformModule):
     @constraints.dependent_property(is_discrete=False)
     def codomain(self) -> constraints.Constraint:
         return self._constraint("codomain")
+
+    @property
+    def sign(self) -> int:
+        """The product of the parts' signs; :class:`~pyro_flows_ext.transforms.NoSignError`
+        when a part has none."""
+        sign = 1
+        for part in self.parts:
+            try:
+                sign *= int(part.sign)
+            except NotImplementedError as err:
+                raise NoSignError(f"{type(part).__name__} has no sign ({err})") from None
+        return sign

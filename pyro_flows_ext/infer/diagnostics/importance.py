@@ -82,8 +82,10 @@ class ImportanceDraws:
 
     @property
     def log_weights(self) -> Tensor:
-        """:math:`\\log p(x, z_s) - \\log q(z_s)` (NaN becomes ``-inf``)."""
-        return (self.log_p - self.log_q).nan_to_num(nan=-math.inf)
+        """:math:`\\log p(x, z_s) - \\log q(z_s)` (NaN becomes ``-inf``; infinities stay:
+        ``nan_to_num``'s default would turn them into the largest finite numbers)."""
+        lw = self.log_p - self.log_q
+        return lw.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
 
     def psis(self) -> tuple[np.ndarray, ParetoK]:
         """PSIS-smoothed normalised log weights (numpy) and :class:`ParetoK`

@@ -95,7 +95,7 @@ class ParetoK:
     Attributes:
         khat: the estimate from all draws (``-inf`` when the log weights span less than
             :data:`FLAT_LOG_WEIGHTS` nats, as for an exact guide; ``inf`` when none is
-            finite).
+            finite or one is ``+inf``: the weights are unbounded).
         num_samples: draws ``S``.
         interval: the quartiles (25% and 75%) of :math:`\\hat k` over
             :data:`KHAT_BOOTSTRAP` bootstrap resamples of the ``S`` log weights (its Monte
@@ -157,18 +157,40 @@ def _bootstrap_interval(lw: np.ndarray, repeats: int) -> tuple[float, float]:
 
 def pareto_smooth(log_weights: Tensor, repeats: int = KHAT_BOOTSTRAP) -> tuple[np.ndarray, ParetoK]:
     """PSIS-smoothed normalised log weights (numpy) and :class:`ParetoK` (ArviZ ``psislw``,
-    which takes the log weights as they are)."""
+    which takes the log weights as they are).
+
+    Infinite log weights are read as what they say: a ``+inf`` (the guide drew a point where
+    its density vanishes and the model's does not) makes the weights unbounded, so
+    :math:`\\hat k` is ``inf`` ("do not trust") and the normalised weights sit on those draws;
+    a ``-inf`` or NaN (a draw the model rules out) is a zero weight, and the tail is fitted
+    to the others.
+
+    Example:
+        >>> import math, torch
+        >>> float(pareto_smooth(torch.tensor([0.0, 1.0, math.inf, -0.5]))[1])
+        inf
+    """
     lw = log_weights.detach().cpu().double().numpy()
+    lw = np.where(np.isnan(lw), -np.inf, lw)
     num = len(lw)
-    uniform = np.full_like(lw, -np.log(num))
-    if not np.isfinite(lw).any():
+    unbounded = np.isposinf(lw)
+    if unbounded.any():
+        count = int(unbounded.sum())
+        smoothed = np.where(unbounded, -np.log(count), -np.inf)
+        return smoothed, ParetoK(math.inf, num, (math.inf, math.inf), float(count))
+    finite = np.isfinite(lw)
+    if not finite.any():
+        uniform = np.full_like(lw, -np.log(num))
         return uniform, ParetoK(math.inf, num, (math.inf, math.inf), 0.0)
-    if np.ptp(lw) < FLAT_LOG_WEIGHTS:
+    smoothed = np.full_like(lw, -np.inf)
+    kept = lw[finite]
+    if np.ptp(kept) < FLAT_LOG_WEIGHTS:
+        smoothed[finite] = -np.log(len(kept))
         flat = (-math.inf, -math.inf)
-        return uniform, ParetoK(-math.inf, num, flat, float(num))
+        return smoothed, ParetoK(-math.inf, num, flat, float(len(kept)))
     with np.errstate(over="ignore"):  # the Pareto fit of a very heavy tail overflows
-        smoothed, khat = _arviz().psislw(lw)
-        interval = _bootstrap_interval(lw, repeats)
-    smoothed = np.asarray(smoothed)
-    ess = float(1 / np.exp(2 * smoothed).sum())
+        fitted, khat = _arviz().psislw(kept)
+        interval = _bootstrap_interval(kept, repeats)
+    smoothed[finite] = np.asarray(fitted)
+    ess = float(1 / np.exp(2 * smoothed[finite]).sum())
     return smoothed, ParetoK(float(khat), num, interval, ess)

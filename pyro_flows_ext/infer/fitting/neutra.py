@@ -211,6 +211,41 @@ def _chain(model: Any, args: tuple, kwargs: dict, settings: dict[str, Any]) -> d
     }
 
 
+def _check_fits(
+    guide: AutoContinuous, model: Callable[..., Any], args: tuple, kwargs: dict
+) -> None:
+    """``ValueError`` unless the guide's latent sites are the model's (names and shapes): a
+    guide fitted to another model would leave the model's sites to plain NUTS, and its raw
+    draws would be reported as the whitened chains."""
+    with poutine.block(), torch.no_grad():
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    assert guide.prototype_trace is not None
+    ours, theirs = (
+        {
+            name: tuple(torch.as_tensor(site["value"]).shape)
+            for name, site in t.iter_stochastic_nodes()
+            if not site_is_subsample(site)
+        }
+        for t in (trace, guide.prototype_trace)
+    )
+    if ours == theirs:
+        return
+    problems = []
+    if set(theirs) - set(ours):
+        problems.append(f"the guide has {sorted(set(theirs) - set(ours))}, the model not")
+    if set(ours) - set(theirs):
+        problems.append(f"the model has {sorted(set(ours) - set(theirs))}, the guide not")
+    problems += [
+        f"{n!r} has shape {theirs[n]} in the guide, {ours[n]} in the model"
+        for n in sorted(set(ours) & set(theirs))
+        if ours[n] != theirs[n]
+    ]
+    raise ValueError(
+        f"the guide was fitted to another model ({'; '.join(problems)}): neutra_mcmc needs the "
+        f"guide of this model, fitted with the same arguments"
+    )
+
+
 def _site_shapes(model: Callable[..., Any], args: tuple, kwargs: dict) -> dict:
     """``name -> shape`` of the latent and ``pyro.deterministic`` sites to report."""
     with poutine.block(), torch.no_grad():
@@ -314,6 +349,8 @@ def neutra_mcmc(
         progress=progress,
     )
     _check(guide, settings)
+    if guide is not None:
+        _check_fits(guide, model, args, kwargs)
     if guide is not None and not hasattr(guide, "plates"):
         with poutine.block(), torch.no_grad():
             guide(*args, **kwargs)  # an initialised, never-called guide: create its plates

@@ -16,12 +16,16 @@ stopping watches.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pyro
+import torch
+from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.util import zero_grads
 
 from pyro_flows_ext.checks import check_bool, positive_float, positive_int
 from pyro_flows_ext.train import History, TrainingDivergedError
@@ -114,7 +118,9 @@ def fit_guide(
 
     Raises:
         TrainingDivergedError: (a ``FloatingPointError``) naming the step (from 1) whose
-            loss, or whose updated parameters, were not finite, with the history before it.
+            loss or gradient was not finite (or, with Pyro's validation on, whose model or
+            guide computed a NaN), with the history before it. That step is not applied: the
+            guide keeps the parameters of the last good step.
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -178,24 +184,68 @@ def _run(
 
 
 def _step(svi: SVI, step: int, history: History, args: tuple, kwargs: dict) -> float:
-    """One SVI step (``step`` from 0); :class:`~pyro_flows_ext.train.TrainingDivergedError`
-    when its loss is not finite, or when the step fails because the previous update left
-    non-finite parameters (Pyro's argument validation reports "invalid values")."""
+    """One SVI step (``step`` from 0), applied only when its loss and every gradient are finite
+    (``SVI.step`` applies it whatever they are): else
+    :class:`~pyro_flows_ext.train.TrainingDivergedError`, and the parameters are those the
+    previous step left. With Pyro's validation on, a distribution that receives a NaN or
+    infinite argument (reported as "invalid values") is the same failure."""
+    capture = poutine.trace(param_only=True)
     try:
-        loss = float(svi.step(*args, **kwargs))
+        with capture:
+            loss = float(svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs))
+        if not math.isfinite(loss):
+            raise _diverged(step + 1, loss, history, "; the step was not applied")
+        params = _params(capture)
+        grads = [(p, p.grad) for p in params if p.grad is not None]
+        finite = [torch.isfinite(g).all() for _, g in grads]
+        if finite and not bool(torch.stack(finite).all()):  # one device sync per step
+            names = _names([p for (p, _), ok in zip(grads, finite, strict=True) if not ok])
+            detail = f"; the gradient of {names} is not finite, so the step was not applied"
+            raise _diverged(step + 1, loss, history, detail)
+        svi.optim(params)
     except ValueError as err:
-        if "invalid values" not in str(err) or step == 0:
+        if "invalid values" not in str(err) or not _NON_FINITE.search(str(err)):
             raise
-        detail = f": the parameters left by step {step} are not finite ({err})"
-        raise _diverged(step + 1, math.nan, history, detail) from err
-    if not math.isfinite(loss):
-        raise _diverged(step + 1, loss, history)
+        raise _diverged(step + 1, math.nan, history, _invalid_value(err)) from err
+    finally:
+        zero_grads(_params(capture))  # a step that failed part-way leaves no gradient behind
     return loss
 
 
+def _params(capture: Any) -> set[torch.Tensor]:
+    """The unconstrained parameters a (possibly interrupted) traced step touched."""
+    return {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+
+
+_NON_FINITE = re.compile(r"\b(nan|inf)\b")
+
+
+def _names(tensors: list[torch.Tensor], limit: int = 3) -> str:
+    store = pyro.get_param_store()
+    names = [store.param_name(t) or f"a tensor of shape {tuple(t.shape)}" for t in tensors]
+    return ", ".join(names[:limit]) + (
+        f" and {len(names) - limit} more" if len(names) > limit else ""
+    )
+
+
+def _invalid_value(err: ValueError) -> str:
+    """What a validation error's NaN means: the parameters when they are not finite, else
+    the model or guide computed a non-finite value from finite parameters."""
+    store = pyro.get_param_store()
+    bad = [t for _, t in store.named_parameters() if not bool(torch.isfinite(t).all())]
+    first = " ".join(str(err).splitlines()[:2])  # the message and the offending value
+    if bad:
+        return f": the parameters {_names(bad)} are not finite ({first})"
+    return (
+        f": the model or guide computed a non-finite value from finite parameters ({first}); "
+        f"the step was not applied"
+    )
+
+
 def _diverged(step: int, loss: float, history: History, detail: str = "") -> TrainingDivergedError:
+    what = "is not finite" if not math.isfinite(loss) else "has a non-finite gradient"
     message = (
-        f"the ELBO loss is not finite at step {step} (loss {loss}){detail}; lower lr, "
-        f"use more particles, or check the model and the guide's start"
+        f"the ELBO loss {what} at step {step} (loss {loss}){detail}; lower lr, use more "
+        f"particles, or check the model and the guide's start"
     )
     return TrainingDivergedError(message, step, loss, history)

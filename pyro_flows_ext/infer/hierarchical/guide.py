@@ -14,10 +14,12 @@ import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from pyro.infer.autoguide.utils import helpful_support_errors
 from torch import Tensor, nn
-from torch.distributions import Distribution
+from torch.distributions import Distribution, biject_to
 
 from pyro_flows_ext.checks import check_bool, hidden_sizes, positive_float, positive_int
+from pyro_flows_ext.infer.guide_state import GuideStateMixin, all_or_nothing, sync_param_store
 from pyro_flows_ext.infer.hierarchical.local_flow import (
     LOCAL_CLAMP,
     LOCAL_HIDDEN,
@@ -41,7 +43,7 @@ Emit = Callable[[str, Tensor, Tensor], Tensor]
 Scope = Callable[[PlateGroup], AbstractContextManager[Any]]
 
 
-class AutoHierarchicalFlow(AutoGuide):
+class AutoHierarchicalFlow(GuideStateMixin, AutoGuide):
     """A flow guide for hierarchical models: a coupling flow over the global latents and, for
     every plate element, a conditional flow over its local latents given the globals' draw.
 
@@ -72,6 +74,9 @@ class AutoHierarchicalFlow(AutoGuide):
     A fresh guide is a Gaussian: the globals' around the ``init_loc_fn`` point, and each local
     at its prior given the globals times its pseudo-likelihood start where that prior is a
     location-scale family that depends on them (``local_prior``), else around its point.
+    Its parameters and buffers (embeddings, prior coefficients) live in Pyro's param store
+    under the guide's name: after ``pyro.get_param_store().load(path)`` a new guide's first
+    call (or a built guide's next one) takes the saved values.
 
     Subsampling: the guide creates the model's plates itself (``pyro.plate(name, N,
     subsample_size=B)`` with the prototype's sizes), and the model's plate reuses its indices.
@@ -185,12 +190,23 @@ class AutoHierarchicalFlow(AutoGuide):
 
     # ---------------------------------------------------------------- setup -------------
     def initialize(self, *args: Any, **kwargs: Any) -> AutoHierarchicalFlow:
-        """Run the model once and build the flows (a no-op if done). Returns the guide."""
+        """Run the model once and build the flows (only the first time), and read any values
+        loaded into Pyro's param store since the last call. Returns the guide."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        else:
+            sync_param_store(self)
         return self
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        """Build the flows, all or nothing (a failure leaves the guide unbuilt, so the next
+        call starts again), then load the values Pyro's param store holds for this guide."""
+        with all_or_nothing(self):
+            self._build(*args, **kwargs)
+            sync_param_store(self)
+
+    def _build(self, *args: Any, **kwargs: Any) -> None:
+        self._require_model()
         try:
             super()._setup_prototype(*args, **kwargs)
         except NotImplementedError:
@@ -198,10 +214,14 @@ class AutoHierarchicalFlow(AutoGuide):
             raise
         trace = self.prototype_trace
         assert trace is not None
-        s = self.structure = plate_structure(trace)
         sites = list(trace.iter_stochastic_nodes())
         if not sites:
-            raise ValueError(f"{type(self).__name__} needs at least one latent sample site")
+            raise RuntimeError(f"{type(self).__name__} needs at least one latent sample site")
+        for _, site in sites:  # Pyro's errors for supports with no bijection (a sphere)
+            if not site["fn"].support.is_discrete:  # plate_structure names those
+                with helpful_support_errors(site):
+                    biject_to(site["fn"].support)
+        s = self.structure = plate_structure(trace)
         like = sites[0][1]["value"]
         unknown = sorted(set(self.encoders) - set(s.plates))
         if unknown:

@@ -99,7 +99,7 @@ class AutoConditionalCouplingFlow(AutoCouplingFlow):
         shift = ConditionalShift(dim, self.context_dim, self.lr_scale)
         return [*super()._couplings(dim), shift]
 
-    def _flow(self, *args: Any, **kwargs: Any) -> list[Transform]:
+    def _layers(self, *args: Any, **kwargs: Any) -> list[Transform]:
         context = self._context(*args, **kwargs).to(self._base_loc)
         return [
             t.condition(context) if isinstance(t, ConditionalTransformModule) else t

@@ -15,9 +15,15 @@ from torch.distributions import Transform
 from torch.distributions.transforms import ComposeTransform
 
 from pyro_flows_ext.checks import check_bool, hidden_sizes, one_of, positive_float, positive_int
+from pyro_flows_ext.infer.guide_state import (
+    GuideStateMixin,
+    all_or_nothing,
+    stored_under,
+    sync_param_store,
+)
 from pyro_flows_ext.infer.stl import StickingTheLanding
 from pyro_flows_ext.infer.vector.laplace import ModeSearch
-from pyro_flows_ext.infer.vector.start import LogJoint, gaussian_start
+from pyro_flows_ext.infer.vector.start import GaussianStart, LogJoint, gaussian_start
 from pyro_flows_ext.infer.vector.steps import (
     AFFINES,
     FULL_RANK_MAX_DIM,
@@ -50,7 +56,7 @@ MIXINGS = ("lu", "permute")
 INITS = ("laplace", "loc")
 
 
-class AutoCouplingFlow(FlowSummaries, AutoContinuous):
+class AutoCouplingFlow(GuideStateMixin, FlowSummaries, AutoContinuous):
     """A normalizing-flow guide over the unconstrained latent vector, started at a Gaussian.
 
     Like every :class:`~pyro.infer.autoguide.AutoContinuous` guide it packs the model's
@@ -91,7 +97,12 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
 
     The parameters are created on the first call of the guide (when the model's arguments are
     known) or by :meth:`initialize`; create them before handing ``guide.parameters()`` to a
-    torch optimiser. They take the dtype and device of the model's latent values.
+    torch optimiser. They take the dtype and device of the model's latent values. They and
+    the fixed buffers live in Pyro's param store under the guide's name, so that
+    ``pyro.get_param_store().save(path)`` keeps the fit: a guide built anew after
+    ``pyro.get_param_store().load(path)`` loads it on its first call instead of computing a
+    start, and a built guide reads values loaded later on its next call (see
+    ``pyro_flows_ext.infer.guide_state``).
 
     Recommended training (Agrawal, Sheldon & Domke 2020; Agrawal & Domke 2024): enough
     particles, the sticking-the-landing gradient (on by default), and a step size that decays
@@ -225,7 +236,8 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
         self.init_info: dict[str, Any] = {}
         """How the guide was initialised (see
         :class:`~pyro_flows_ext.infer.vector.start.GaussianStart`): ``method``, the ELBO
-        estimates of the candidate starts, the Laplace result."""
+        estimates of the candidate starts, the Laplace result; ``method`` is ``"param
+        store"`` when the values were loaded from Pyro's param store."""
         self._raw_model = (model,)
         super().__init__(model, init_loc_fn=init_loc_fn)
 
@@ -237,51 +249,68 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
             self._setup_prototype(*args, **kwargs)
         return self
 
-    def _unsupported(self) -> str | None:
+    def _unsupported(self) -> Exception | None:
+        """The error for a model this guide cannot handle, of the type Pyro's autoguides
+        raise: ``ValueError`` for a discrete latent, ``RuntimeError`` for no latent at all."""
         trace = self.prototype_trace
         if trace is None:
             return None
         latents = list(trace.iter_stochastic_nodes())
         for name, site in latents:
             if site["fn"].support.is_discrete:
-                return (
+                return ValueError(
                     f"{type(self).__name__} needs continuous latent sites, but site {name!r} "
                     f"has discrete support ({type(site['fn']).__name__}); enumerate it out "
                     f"(TraceEnum_ELBO) and hide it from this guide with poutine.block"
                 )
         if not latents:
             observed = [n for n, s in trace.nodes.items() if s["type"] == "sample"]
-            return (
+            return RuntimeError(
                 f"{type(self).__name__} needs at least one continuous latent sample site; the "
                 f"model has none (its sample sites: {observed or 'none'})"
             )
         return None
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        """Build the guide for the model's arguments, all or nothing: a failure (an
+        unsupported model, an interrupt during the start) leaves the guide unbuilt, so the
+        next call starts again. Values held in Pyro's param store under this guide's name
+        (``pyro.get_param_store().load(path)``) are loaded, and no start is computed."""
+        with all_or_nothing(self):
+            self._build(*args, **kwargs)
+            sync_param_store(self)
+
+    def _build(self, *args: Any, **kwargs: Any) -> None:
+        self._require_model()
+        raw_model = self._raw_model[0]
         try:
             super()._setup_prototype(*args, **kwargs)
         except (ValueError, RuntimeError, NotImplementedError) as err:
             problem = self._unsupported()
             if problem is not None:
-                raise ValueError(problem) from err
+                raise problem from err
             raise
         init_loc = self._init_loc().detach()
         dim = self.latent_dim
         kind = resolve_affine(self.affine_kind, dim)
-        start = gaussian_start(
-            LogJoint(self, self._raw_model[0], args, kwargs),
-            init_loc,
-            self.init_scale,
-            laplace=self.init == "laplace" and dim <= FULL_RANK_MAX_DIM,
-            laplace_options=self.laplace_options,
-            num_samples=self.init_elbo_samples,
-        )
-        self.init_info = start.info
-        if self.init == "laplace" and dim > FULL_RANK_MAX_DIM:
-            self.init_info["reason"] = (
-                f"no Laplace start above D = {FULL_RANK_MAX_DIM} (D = {dim}: its D x D "
-                f"Hessian costs D model gradients and D^2 memory); started as init='loc'"
+        if stored_under(self._pyro_name):  # the values come from the param store
+            info = {"method": "param store", "reason": "loaded from Pyro's param store"}
+            start = GaussianStart(init_loc, None, self.init_scale, info)
+        else:
+            start = gaussian_start(
+                LogJoint(self, raw_model, args, kwargs),
+                init_loc,
+                self.init_scale,
+                laplace=self.init == "laplace" and dim <= FULL_RANK_MAX_DIM,
+                laplace_options=self.laplace_options,
+                num_samples=self.init_elbo_samples,
             )
+            if self.init == "laplace" and dim > FULL_RANK_MAX_DIM:
+                start.info["reason"] = (
+                    f"no Laplace start above D = {FULL_RANK_MAX_DIM} (D = {dim}: its D x D "
+                    f"Hessian costs D model gradients and D^2 memory); started as init='loc'"
+                )
+        self.init_info = start.info
         precond = None if start.preconditioner is None else start.preconditioner.cpu()
         affine = final_affine(dim, kind, start.center.cpu(), precond, start.scale, self.rank)
         layers = [*self._couplings(dim), affine]
@@ -326,11 +355,6 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
             layers.append(damp_parameters_(ActNorm(dim, data_init=False), self.lr_scale))
         return layers
 
-    def __getstate__(self) -> dict[str, Any]:
-        self._raw_model = None  # type: ignore[assignment]
-        state: dict[str, Any] = super().__getstate__()
-        return state
-
     # ---------------------------------------------------------------- posterior ---------
     @property
     def affine(self) -> LowerAffine | LowRankAffine:
@@ -356,7 +380,14 @@ class AutoCouplingFlow(FlowSummaries, AutoContinuous):
 
     def _flow(self, *args: Any, **kwargs: Any) -> list[Transform]:
         """The transforms from the base to the latent vector for the model's arguments (the
-        same for all arguments here; a conditional guide conditions them)."""
+        same for all arguments here; a conditional guide conditions them), after reading
+        any values loaded into Pyro's param store since the last call."""
+        self._require_setup()
+        sync_param_store(self)
+        return self._layers(*args, **kwargs)
+
+    def _layers(self, *args: Any, **kwargs: Any) -> list[Transform]:
+        """The transforms for the model's arguments (a conditional guide conditions them)."""
         return [cast(Transform, t) for t in self.transforms]
 
     def get_transform(self, *args: Any, **kwargs: Any) -> ComposeTransform:

@@ -91,7 +91,9 @@ def final_affine(
         'LowRankAffine'
     """
     if kind == "full":
-        return LowerAffine(dim, center, preconditioner, init_scale=init_scale)
+        return LowerAffine(
+            dim, center, preconditioner, init_scale=init_scale, off_diag_scale=init_scale
+        )
     rank = rank or max(1, round(math.sqrt(dim)))
     diag = None if preconditioner is None else preconditioner.norm(dim=-1)
     return LowRankAffine(dim, min(rank, dim), center, diag, init_scale=init_scale)
