@@ -92,6 +92,31 @@ def table(posterior: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(rows: list[dict]) -> str:
+    """One table, guides by posteriors: median ELBO and the median of the largest |mean
+    error| / sd and |log sd ratio| over the globals (``failed`` where every seed failed)."""
+    posteriors = list(dict.fromkeys(r["posterior"] for r in rows))
+    guides = list(dict.fromkeys(r["guide"] for r in rows))
+    lines = [
+        "| guide | " + " | ".join(posteriors) + " |",
+        "|" + " --- |" * (len(posteriors) + 1),
+    ]
+    for guide in guides:
+        row = [guide]
+        for name in posteriors:
+            ok = [r for r in rows if (r["guide"], r["posterior"]) == (guide, name)]
+            ok = [r for r in ok if "failed" not in r]
+            row.append(
+                f"{_median([r['elbo'] for r in ok], 1)}; "
+                f"{_median([r['glob_mean_max'] for r in ok], 2)} / "
+                f"{_median([r['glob_log_sd_max'] for r in ok], 2)}"
+                if ok
+                else "failed"
+            )
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def protocol(settings: dict[str, Any]) -> str:
     """The protocol of one run, in words, from its settings."""
     s = settings
@@ -114,6 +139,12 @@ def render(payloads: list[dict[str, Any]]) -> str:
     for p in payloads:
         lines += [f"Command: `{p['command']}`", "", protocol(p["settings"]), ""]
     posteriors = list(dict.fromkeys(r["posterior"] for r in rows))
+    lines += [
+        "Summary, each cell: median ELBO; median largest |mean error| / sd and |log sd ratio| "
+        "over the globals.",
+        "",
+        summary(rows),
+    ]
     lines += [table(name, [r for r in rows if r["posterior"] == name]) for name in posteriors]
     return "\n".join(lines)
 
