@@ -151,7 +151,8 @@ def test_failures_and_time_outs_are_rows() -> None:
 
 
 def test_bad_options_are_usage_errors() -> None:
-    for argv in (["--posteriors", "nope"], ["--guides", "nope"], ["--seeds", "a"]):
+    bad = (["--posteriors", "nope"], ["--guides", "nope"], ["--seeds", "a"])
+    for argv in (*bad, ["--posteriors", "radon_all"], ["--steps-for", "nope=3"]):
         with pytest.raises(SystemExit):
             hierarchical_real.parse(argv)
     with pytest.raises(ValueError, match="unknown posterior"):
