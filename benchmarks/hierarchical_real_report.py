@@ -128,7 +128,8 @@ def protocol(settings: dict[str, Any]) -> str:
         "draws: ELBO = mean(log p - log q) over them and PSIS k-hat of the same weights; "
         "errors on the unconstrained scale against the reference (mean error in reference "
         "sds, |log sd ratio|). Cells: median over the seeds (min to max). CPU s to conv.: "
-        f"until the smoothed ELBO is within {s['tol']:g} nat of its final value."
+        f"the steps after which the smoothed ELBO stays within {s['tol']:g} nat of its final "
+        "value."
     )
 
 

@@ -139,6 +139,8 @@ def test_scores_against_a_known_shift() -> None:
 
 def test_converged_at() -> None:
     assert hierarchical_real.converged_at([-10.0, -3.0, -1.5, -1.2, -1.0], tol=1.0) == 3
+    # a fit that got worse has not converged early because it started near its end
+    assert hierarchical_real.converged_at([-9.0, -5.0, -2.0, -9.0, -9.0], tol=1.0) == 4
 
 
 def test_failures_and_time_outs_are_rows() -> None:
