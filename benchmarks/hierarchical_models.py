@@ -114,11 +114,11 @@ def grid(group: Tensor, groups: int, *columns: Tensor) -> tuple[Tensor, ...]:
     rows = int(torch.bincount(group, minlength=groups).max())
     mask = torch.zeros(rows, groups, dtype=torch.bool)
     mask[slot, group] = True
-    out = []
+    out: list[Tensor] = []
     for col in columns:
-        g = torch.zeros(rows, groups, dtype=torch.float64)
-        g[slot, group] = col.double()
-        out.append(g)
+        padded = torch.zeros(rows, groups, dtype=torch.float64)
+        padded[slot, group] = col.double()
+        out.append(padded)
     return (*out, mask)
 
 
