@@ -24,15 +24,21 @@ def one_line(row: dict) -> str:
     )
 
 
+def _fmt(x: float, digits: int) -> str:
+    """``x`` with ``digits`` decimals, or in scientific notation where it is huge (an ELBO
+    estimate of a degenerate guide)."""
+    return f"{x:.{digits}f}" if abs(x) < 1e6 else f"{x:.2e}"
+
+
 def _spread(values: list[float], digits: int) -> str:
-    med = statistics.median(values)
+    med = _fmt(statistics.median(values), digits)
     if len(values) == 1:
-        return f"{med:.{digits}f}"
-    return f"{med:.{digits}f} ({min(values):.{digits}f} to {max(values):.{digits}f})"
+        return med
+    return f"{med} ({_fmt(min(values), digits)} to {_fmt(max(values), digits)})"
 
 
 def _median(values: list[float], digits: int) -> str:
-    return f"{statistics.median(values):.{digits}f}"
+    return _fmt(statistics.median(values), digits)
 
 
 def cells(rows: list[dict], global_names: list[str]) -> list[str]:
