@@ -100,7 +100,8 @@ def table(posterior: str, rows: list[dict]) -> str:
 
 def summary(rows: list[dict]) -> str:
     """One table, guides by posteriors: median ELBO and the median of the largest |mean
-    error| / sd and |log sd ratio| over the globals (``failed`` where every seed failed)."""
+    error| / sd and |log sd ratio| over the globals (``failed`` where every seed failed,
+    ``not run`` where the guide was not run on that posterior)."""
     posteriors = list(dict.fromkeys(r["posterior"] for r in rows))
     guides = list(dict.fromkeys(r["guide"] for r in rows))
     lines = [
@@ -110,14 +111,15 @@ def summary(rows: list[dict]) -> str:
     for guide in guides:
         row = [guide]
         for name in posteriors:
-            ok = [r for r in rows if (r["guide"], r["posterior"]) == (guide, name)]
-            ok = [r for r in ok if "failed" not in r]
+            mine = [r for r in rows if (r["guide"], r["posterior"]) == (guide, name)]
+            ok = [r for r in mine if "failed" not in r]
+            if not ok:
+                row.append("failed" if mine else "not run")
+                continue
             row.append(
                 f"{_median([r['elbo'] for r in ok], 1)}; "
                 f"{_median([r['glob_mean_max'] for r in ok], 2)} / "
                 f"{_median([r['glob_log_sd_max'] for r in ok], 2)}"
-                if ok
-                else "failed"
             )
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
