@@ -180,3 +180,15 @@ def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     hierarchical_real_report.main([str(out), str(out), "--out", str(merged)])
     text = merged.read_text()
     assert "| normal |" in text and "| hierarchical |" in text and "4/4" in text
+
+
+def test_summary_tells_failed_from_not_run() -> None:
+    scores = {"elbo": -10.0, "glob_mean_max": 0.5, "glob_log_sd_max": 0.25}
+    rows = [
+        {"posterior": "a", "guide": "x", "seed": 0, "failed": "ValueError: boom"},
+        {"posterior": "b", "guide": "y", "seed": 0} | scores,
+        {"posterior": "b", "guide": "y", "seed": 1} | scores | {"elbo": -12.0},
+    ]
+    lines = hierarchical_real_report.summary(rows).splitlines()
+    assert lines[2] == "| x | failed | not run |"
+    assert lines[3] == "| y | not run | -11.0; 0.50 / 0.25 |"
