@@ -144,9 +144,8 @@ def protocol(settings: dict[str, Any]) -> str:
 def render(payloads: list[dict[str, Any]]) -> str:
     """The commands, their protocols and one table per posterior over every row."""
     rows = [r for p in payloads for r in p["rows"]]
-    lines = []
-    for p in payloads:
-        lines += [f"Command: `{p['command']}`", "", protocol(p["settings"]), ""]
+    lines = ["Commands:", ""] + [f"- `{p['command']}`" for p in payloads] + [""]
+    lines += [*dict.fromkeys(protocol(p["settings"]) for p in payloads), ""]
     posteriors = list(dict.fromkeys(r["posterior"] for r in rows))
     lines += [
         "Summary, each cell: median ELBO; median largest |mean error| / sd and |log sd ratio| "
@@ -179,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="the Markdown file to write")
     opts = p.parse_args(argv)
     payloads = [json.loads(path.read_text()) for path in opts.results]
-    text = render(payloads)
+    merge = "python -m benchmarks.hierarchical_real_report " + " ".join(
+        [*map(str, opts.results), "--out", str(opts.out)]
+    )
+    text = f"Merged by `{merge}`.\n\n" + render(payloads)
     print(text)
     opts.out.write_text(TITLE + text)
 
