@@ -126,9 +126,18 @@ def converged_at(smoothed: list[float], tol: float) -> int:
     return outside[-1] + 2 if outside else 1
 
 
-def fit_and_score(post: Posterior, kind: str, seed: int, steps: int, opts: Any) -> dict:
-    """Fit guide ``kind`` to ``post`` with the protocol and score it against the reference."""
-    truth, _ = hierarchical_references_io.load(post.name, opts.references)
+def fit_and_score(
+    post: Posterior,
+    kind: str,
+    seed: int,
+    steps: int,
+    opts: Any,
+    truth: dict[str, Tensor] | None = None,
+) -> dict:
+    """Fit guide ``kind`` to ``post`` with the protocol and score it against ``truth``
+    (moments, by default the reference's)."""
+    if truth is None:
+        truth, _ = hierarchical_references_io.load(post.name, opts.references)
     torch.set_num_threads(1)
     torch.set_default_dtype(DTYPES[opts.dtype])
     pyro.clear_param_store()

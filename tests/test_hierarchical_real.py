@@ -3,6 +3,7 @@ NumPyro twins' densities against the Pyro models) and the script end to end at a
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
@@ -99,8 +100,9 @@ def test_numpyro_twin_has_the_pyro_models_density(name: str, twin: str) -> None:
     assert math.isfinite(pyro_lp) and math.isclose(pyro_lp, numpyro_lp, rel_tol=1e-8)
 
 
-def test_election88_twin_on_synthetic_data() -> None:
-    # the held-out data are not read: the same fields, simulated
+def _synthetic_election88() -> hierarchical_models.Posterior:
+    """The election88 model on simulated data with the same fields (the held-out data are
+    not read)."""
     gen = torch.Generator().manual_seed(0)
     n, sizes = 40, torch.tensor([6, 3, 4])
     index = [torch.randint(int(k), (n,), generator=gen) for k in sizes]
@@ -109,15 +111,30 @@ def test_election88_twin_on_synthetic_data() -> None:
     y = torch.bernoulli(torch.full((n,), 0.5), generator=gen).double()
     positive = {"b0": False, "b_female": False, "b_black": False, "b_v_prev": False}
     positive |= {f"sigma_{k}": True for k in ("state", "region", "age_edu")}
-    post = hierarchical_models.Posterior(
+    return hierarchical_models.Posterior(
         "election88",
         hierarchical_models.election88,
         (x, y, *index, sizes),
         positive,
         ("e_state", "e_region", "e_age_edu"),
     )
-    pyro_lp, numpyro_lp = _pyro_and_numpyro_log_joint(post, "election88")
+
+
+def test_election88_twin_on_synthetic_data() -> None:
+    pyro_lp, numpyro_lp = _pyro_and_numpyro_log_joint(_synthetic_election88(), "election88")
     assert math.isclose(pyro_lp, numpyro_lp, rel_tol=1e-8)
+
+
+@pytest.mark.parametrize("guide", ["normal", "hierarchical"])
+def test_election88_fits_and_scores(guide: str) -> None:
+    post = _synthetic_election88()
+    opts = argparse.Namespace(lr0=5e-2, lr1=1e-4, particles=4, draws=100, dtype="float32", tol=1.0)
+    opts.references = None
+    truth = {f"{k}_{s}": torch.ones(1) for k in post.global_names for s in ("mean", "sd")}
+    sizes = {"e_state": 6, "e_region": 3, "e_age_edu": 4}
+    truth |= {f"{k}_{s}": torch.ones(n) for k, n in sizes.items() for s in ("mean", "sd")}
+    row = hierarchical_real.fit_and_score(post, guide, 0, 3, opts, truth=truth)
+    assert math.isfinite(row["elbo"]) and set(row["globals"]) == set(post.global_names)
 
 
 def test_scores_against_a_known_shift() -> None:
