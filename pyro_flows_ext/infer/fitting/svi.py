@@ -10,7 +10,9 @@ and :class:`~pyro.infer.Trace_ELBO` with ``num_particles`` particles vectorised 
 plate. The gradient of ``log q`` is the guide's own business (``AutoCouplingFlow(stl=True)``
 uses sticking the landing). The ELBO estimates are smoothed by an exponential moving average
 (bias-corrected, weight ``smoothing``), which the progress bar shows and which optional early
-stopping watches.
+stopping watches. Stopping at once leaves the parameters where a large step size put them
+(they jitter around the optimum); with ``cooldown`` the fit instead spends that many more
+steps decaying the step size from where it stands to ``lr_end``, then stops.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class FitHistory:
         loss: the loss (negative ELBO estimate) of every step taken.
         smoothed_elbo: the smoothed ELBO after every step (bias-corrected moving average).
         stopped_early: whether ``patience`` stopped the fit before ``steps``.
+        cooldown_from: the step at which ``patience`` started the cool-down (``None``:
+            it did not).
         seconds: wall-clock seconds of the fit.
         cpu_seconds: CPU seconds of this process during the fit.
     """
@@ -64,6 +68,7 @@ class FitHistory:
     loss: list[float] = field(default_factory=list)
     smoothed_elbo: list[float] = field(default_factory=list)
     stopped_early: bool = False
+    cooldown_from: int | None = None
     seconds: float = 0.0
     cpu_seconds: float = 0.0
 
@@ -127,6 +132,7 @@ def fit_guide(
     num_particles: int = 16,
     vectorize_particles: bool = True,
     patience: int | None = None,
+    cooldown: int | None = None,
     min_delta: float = 1e-2,
     smoothing: float = 0.95,
     max_plate_nesting: int | None = None,
@@ -147,6 +153,9 @@ def fit_guide(
             guide must vectorise); ``False`` loops.
         patience: stop when the smoothed ELBO has not improved on its best by more than
             ``min_delta`` nats for this many steps; ``None`` (default) runs all ``steps``.
+        cooldown: with ``patience``, do not stop at once: decay the step size from where
+            it stands to ``lr_end`` over this many more steps (within ``steps``), then stop.
+            ``None`` (default) stops at once.
         smoothing: weight of the moving average of the ELBO, in ``[0, 1)``.
         max_plate_nesting: the model's plate nesting for the particle plate (``None``: Pyro
             guesses it by tracing the model, and logs that it did).
@@ -174,6 +183,12 @@ def fit_guide(
             raise TypeError(f"{name} must be a callable Pyro program, got {type(fn).__name__}")
     flags = {"vectorize_particles": vectorize_particles, "progress": progress}
     _check(steps, lr, lr_end, num_particles, patience, min_delta, smoothing, flags)
+    if cooldown is not None:
+        positive_int("cooldown", cooldown)
+        if patience is None:
+            raise ValueError(
+                f"cooldown={cooldown} needs patience (it starts when patience runs out)"
+            )
     if max_plate_nesting is not None:
         positive_int("max_plate_nesting", max_plate_nesting, minimum=0)
     optim = pyro.optim.ClippedAdam(
@@ -185,14 +200,38 @@ def fit_guide(
         num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=nesting
     )
     svi = SVI(model, guide, optim, elbo)
-    return _run(svi, steps, _Smoother(smoothing, min_delta), patience, progress, args, kwargs)
+    stop = _Stopping(patience, cooldown, lr_end)
+    return _run(svi, steps, _Smoother(smoothing, min_delta), stop, progress, args, kwargs)
+
+
+class _Stopping:
+    """When to stop: after ``patience`` steps without improvement, at once or after a
+    ``cooldown`` of steps whose step size decays to ``lr_end``."""
+
+    def __init__(self, patience: int | None, cooldown: int | None, lr_end: float) -> None:
+        self.patience, self.cooldown, self.lr_end = patience, cooldown, lr_end
+        self.end: int | None = None  # the step count at which the cool-down ends
+
+    def __call__(self, svi: SVI, smoother: _Smoother, history: FitHistory) -> bool:
+        taken = len(history.loss)
+        if self.end is not None:
+            return taken >= self.end
+        if self.patience is None or smoother.since_best < self.patience:
+            return False
+        if self.cooldown is None:
+            return True
+        history.cooldown_from, self.end = taken, taken + self.cooldown
+        for optimizer in svi.optim.optim_objs.values():  # ClippedAdam: lr *= lrd each step
+            for group in optimizer.param_groups:
+                group["lrd"] = min(1.0, (self.lr_end / group["lr"]) ** (1.0 / self.cooldown))
+        return False
 
 
 def _run(
     svi: SVI,
     steps: int,
     smoother: _Smoother,
-    patience: int | None,
+    stop: _Stopping,
     progress: bool,
     args: tuple,
     kwargs: dict,
@@ -210,7 +249,7 @@ def _run(
             if (step + 1) % every == 0 or step + 1 == steps:
                 bar.update(step + 1 - bar.n)
                 bar.set_postfix(elbo=f"{history.elbo:.4g}", refresh=False)
-            if patience is not None and smoother.since_best >= patience:
+            if stop(svi, smoother, history):
                 history.stopped_early = True
                 break
         bar.update(len(history.loss) - bar.n)
