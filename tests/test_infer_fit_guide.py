@@ -112,6 +112,14 @@ def test_cooldown_reaches_lr_end(monkeypatch: pytest.MonkeyPatch) -> None:
     assert lrs[-1] == pytest.approx(1e-3, rel=1e-6) and max(lrs) > 1e-2
 
 
+def test_callback_sees_every_step() -> None:
+    seen: list[tuple[int, float]] = []
+    history = fit_guide(gaussian, AutoNormal(gaussian), torch.ones(2), steps=7, progress=False,
+                        callback=lambda step, loss: seen.append((step, loss)))  # fmt: skip
+    assert [s for s, _ in seen] == list(range(1, 8))
+    assert [loss for _, loss in seen] == history.loss
+
+
 def test_progress_false_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     fit_guide(gaussian, AutoNormal(gaussian), torch.ones(2), steps=20, progress=False)
     out = capsys.readouterr()
@@ -152,6 +160,7 @@ def test_a_model_that_does_not_vectorise_can_loop() -> None:
         ({"patience": "10"}, TypeError, "patience"),
         ({"cooldown": 10}, ValueError, "needs patience"),
         ({"patience": 10, "cooldown": 0}, ValueError, "cooldown"),
+        ({"callback": 3}, TypeError, "callback"),
         ({"min_delta": -1.0}, ValueError, "min_delta"),
         ({"smoothing": 1.0}, ValueError, "smoothing"),
         ({"progress": 1}, TypeError, "progress"),

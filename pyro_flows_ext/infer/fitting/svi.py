@@ -137,6 +137,7 @@ def fit_guide(
     smoothing: float = 0.95,
     max_plate_nesting: int | None = None,
     progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
     **kwargs: Any,
 ) -> FitHistory:
     """Fit ``guide`` to ``model`` by SVI with the recommended protocol (module docstring).
@@ -160,6 +161,8 @@ def fit_guide(
         max_plate_nesting: the model's plate nesting for the particle plate (``None``: Pyro
             guesses it by tracing the model, and logs that it did).
         progress: show a tqdm bar with the smoothed ELBO.
+        callback: ``callback(steps_taken, loss)`` after every step (its time counts in the
+            history's seconds).
 
     Returns:
         :class:`FitHistory`.
@@ -189,6 +192,8 @@ def fit_guide(
             raise ValueError(
                 f"cooldown={cooldown} needs patience (it starts when patience runs out)"
             )
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable(steps_taken, loss), got {callback!r}")
     if max_plate_nesting is not None:
         positive_int("max_plate_nesting", max_plate_nesting, minimum=0)
     optim = pyro.optim.ClippedAdam(
@@ -200,20 +205,30 @@ def fit_guide(
         num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=nesting
     )
     svi = SVI(model, guide, optim, elbo)
-    stop = _Stopping(patience, cooldown, lr_end)
+    stop = _AfterStep(patience, cooldown, lr_end, callback)
     return _run(svi, steps, _Smoother(smoothing, min_delta), stop, progress, args, kwargs)
 
 
-class _Stopping:
-    """When to stop: after ``patience`` steps without improvement, at once or after a
-    ``cooldown`` of steps whose step size decays to ``lr_end``."""
+class _AfterStep:
+    """What follows each step: the user's ``callback``, then whether to stop (after
+    ``patience`` steps without improvement, at once or after a ``cooldown`` of steps whose
+    step size decays to ``lr_end``)."""
 
-    def __init__(self, patience: int | None, cooldown: int | None, lr_end: float) -> None:
+    def __init__(
+        self,
+        patience: int | None,
+        cooldown: int | None,
+        lr_end: float,
+        callback: Callable[[int, float], None] | None = None,
+    ) -> None:
         self.patience, self.cooldown, self.lr_end = patience, cooldown, lr_end
+        self.callback = callback
         self.end: int | None = None  # the step count at which the cool-down ends
 
     def __call__(self, svi: SVI, smoother: _Smoother, history: FitHistory) -> bool:
         taken = len(history.loss)
+        if self.callback is not None:
+            self.callback(taken, history.loss[-1])
         if self.end is not None:
             return taken >= self.end
         if self.patience is None or smoother.since_best < self.patience:
@@ -231,7 +246,7 @@ def _run(
     svi: SVI,
     steps: int,
     smoother: _Smoother,
-    stop: _Stopping,
+    stop: _AfterStep,
     progress: bool,
     args: tuple,
     kwargs: dict,
