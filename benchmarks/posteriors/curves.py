@@ -4,8 +4,9 @@ seconds of the fit, for ``AutoCouplingFlow`` and ``AutoIAFNormal``.
 Each guide is fitted by :func:`~pyro_flows_ext.infer.fit_guide` with the protocol of
 ``benchmarks/posteriors/run.py`` (3,000 steps, lr 5e-2 -> 1e-4, 16 vectorised particles, seed
 0, one thread); at the checkpoint steps a ``callback`` draws ``--draws`` samples from the guide
-and scores them, and the CPU seconds spent scoring are left out of the fit's time (the
-guide's start, in the first step, is in it).
+and scores them; the CPU seconds spent scoring are left out of the fit's time (the guide's
+start, in the first step, is in it), and the random state is restored after scoring, so the
+fit is the one ``run.py`` makes.
 
 Usage (from the repository root)::
 
@@ -50,8 +51,10 @@ def curve(posterior: models.Posterior, guide_name: str, opts: argparse.Namespace
         if step not in CHECKPOINTS:
             return
         begin = time.process_time()
+        rng = torch.get_rng_state()  # scoring must not change the fit's random numbers
         with torch.no_grad():
             draws = models.sample_quantities(posterior, guide, opts.draws)
+        torch.set_rng_state(rng)
         swd = metrics.accuracy(draws, posterior.reference).sliced_wasserstein
         points.append((step, begin - start - scoring, swd))
         scoring += time.process_time() - begin
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--posteriors", default=",".join(POSTERIORS))
     parser.add_argument("--guides", default="coupling_flow,iaf")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
-    parser.add_argument("--draws", type=int, default=2000)
+    parser.add_argument("--draws", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="curves")
     opts = parser.parse_args(argv)
