@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -84,6 +85,42 @@ def test_early_stopping_stops() -> None:
     assert 50 < len(history.loss) < 3000 and len(history.smoothed) == len(history.loss)
 
 
+def test_cooldown_decays_the_step_size_to_lr_end_then_stops() -> None:
+    y = torch.tensor([1.0, 2.0])
+    guide = AutoNormal(gaussian)
+    history = fit_guide(gaussian, guide, y, steps=3000, patience=50, cooldown=40, lr_end=1e-4,
+                        num_particles=2, progress=False)  # fmt: skip
+    start = history.cooldown_from
+    assert history.stopped_early and start is not None and 50 <= start < 2960
+    assert len(history.loss) == start + 40
+    store = pyro.get_param_store()
+    assert len(store) > 0 and all(torch.isfinite(v).all() for v in store.values())
+
+
+def test_cooldown_reaches_lr_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step size that the last step used is ``lr_end`` (within float rounding)."""
+    lrs: list[float] = []
+    step = pyro.optim.clipped_adam.ClippedAdam.step
+
+    def spy(self: Any, closure: Any = None) -> Any:
+        loss = step(self, closure)  # ClippedAdam decays lr, then steps with it
+        lrs.append(self.param_groups[0]["lr"])
+        return loss
+
+    monkeypatch.setattr(pyro.optim.clipped_adam.ClippedAdam, "step", spy)
+    fit_guide(gaussian, AutoNormal(gaussian), torch.ones(2), steps=500, patience=20,
+              cooldown=30, lr=5e-2, lr_end=1e-3, num_particles=1, progress=False)  # fmt: skip
+    assert lrs[-1] == pytest.approx(1e-3, rel=1e-6) and max(lrs) > 1e-2
+
+
+def test_callback_sees_every_step() -> None:
+    seen: list[tuple[int, float]] = []
+    history = fit_guide(gaussian, AutoNormal(gaussian), torch.ones(2), steps=7, progress=False,
+                        callback=lambda step, loss: seen.append((step, loss)))  # fmt: skip
+    assert [s for s, _ in seen] == list(range(1, 8))
+    assert [loss for _, loss in seen] == history.loss
+
+
 def test_progress_false_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     fit_guide(gaussian, AutoNormal(gaussian), torch.ones(2), steps=20, progress=False)
     out = capsys.readouterr()
@@ -122,6 +159,9 @@ def test_a_model_that_does_not_vectorise_can_loop() -> None:
         ({"num_particles": 0}, ValueError, "num_particles"),
         ({"patience": 0}, ValueError, "patience"),
         ({"patience": "10"}, TypeError, "patience"),
+        ({"cooldown": 10}, ValueError, "needs patience"),
+        ({"patience": 10, "cooldown": 0}, ValueError, "cooldown"),
+        ({"callback": 3}, TypeError, "callback"),
         ({"min_delta": -1.0}, ValueError, "min_delta"),
         ({"smoothing": 1.0}, ValueError, "smoothing"),
         ({"progress": 1}, TypeError, "progress"),

@@ -93,6 +93,7 @@ def fit(
     seed: int,
     num_draws: int,
     patience: int | None = None,
+    cooldown: int | None = None,
 ) -> dict[str, Any]:
     """Fit one guide to one posterior with the shared protocol and measure it."""
     pyro.clear_param_store()
@@ -108,6 +109,7 @@ def fit(
         lr_end=lr1,
         num_particles=particles,
         patience=patience,
+        cooldown=cooldown,
         progress=False,
     )
     losses = history.loss
@@ -303,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         "--patience", type=int, default=None, help="early stopping (fit_guide's patience)"
     )
     parser.add_argument(
+        "--cooldown", type=int, default=None, help="with --patience: fit_guide's cooldown"
+    )
+    parser.add_argument(
         "--draws", type=int, default=4000, help="guide draws for the metrics and k-hat"
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -333,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"{args.steps} steps of Adam, lr {lr0:g} -> {lr1:g} (exponential), Trace_ELBO with "
         f"{args.particles} vectorised particles, {args.dtype}, early stopping "
-        f"{'off' if args.patience is None else f'after {args.patience} steps'}, seed "
+        f"{'off' if args.patience is None else f'after {args.patience} steps'}"
+        f"{'' if args.cooldown is None else f' and a cool-down of {args.cooldown}'}, seed "
         f"{args.seed}, {args.draws} draws (k-hat: median of {KHAT_REPEATS} sets); "
         f"schedule '{args.schedule}'"
     )
@@ -355,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                     seed=args.seed,
                     num_draws=args.draws,
                     patience=args.patience,
+                    cooldown=args.cooldown,
                 )
             except Exception as err:  # keep going: a failing guide is a result too
                 message = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"

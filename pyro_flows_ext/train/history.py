@@ -31,6 +31,8 @@ class History:
         best_step, best_valid: the evaluation with the lowest validation loss (its weights are
             the flow's when :func:`~pyro_flows_ext.train.fit` returns).
         stopped_early: whether early stopping ended the run.
+        cooldown_from: the step after which early stopping decayed the step size before it
+            stopped (``fit_guide(cooldown=...)``; ``None``: it did not).
         seconds, cpu_seconds: wall-clock and process CPU seconds of a guide's fit (0 for
             density models, whose per-step times are ``step_time`` and whose runs resume).
 
@@ -49,6 +51,7 @@ class History:
     best_step: int | None = None
     best_valid: float | None = None
     stopped_early: bool = False
+    cooldown_from: int | None = None
     seconds: float = 0.0
     cpu_seconds: float = 0.0
 

@@ -10,7 +10,9 @@ and :class:`~pyro.infer.Trace_ELBO` with ``num_particles`` particles vectorised 
 plate. The gradient of ``log q`` is the guide's own business (``AutoCouplingFlow(stl=True)``
 uses sticking the landing). The ELBO estimates are smoothed by an exponential moving average
 (bias-corrected, weight ``smoothing``), which the progress bar shows and which optional early
-stopping watches.
+stopping watches. Stopping at once leaves the parameters where a large step size put them
+(they jitter around the optimum); with ``cooldown`` the fit instead spends that many more
+steps decaying the step size from where it stands to ``lr_end``, then stops.
 """
 
 from __future__ import annotations
@@ -87,10 +89,12 @@ def fit_guide(
     num_particles: int = 16,
     vectorize_particles: bool = True,
     patience: int | None = None,
+    cooldown: int | None = None,
     min_delta: float = 1e-2,
     smoothing: float = 0.95,
     max_plate_nesting: int | None = None,
     progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
     **kwargs: Any,
 ) -> History:
     """Fit ``guide`` to ``model`` by SVI with the recommended protocol (module docstring).
@@ -107,10 +111,15 @@ def fit_guide(
             guide must vectorise); ``False`` loops.
         patience: stop when the smoothed ELBO has not improved on its best by more than
             ``min_delta`` nats for this many steps; ``None`` (default) runs all ``steps``.
+        cooldown: with ``patience``, do not stop at once: decay the step size from where
+            it stands to ``lr_end`` over this many more steps (within ``steps``), then stop.
+            ``None`` (default) stops at once.
         smoothing: weight of the moving average of the ELBO, in ``[0, 1)``.
         max_plate_nesting: the model's plate nesting for the particle plate (``None``: Pyro
             guesses it by tracing the model, and logs that it did).
         progress: show a tqdm bar with the smoothed ELBO.
+        callback: ``callback(steps_taken, loss)`` after every step (its time counts in the
+            history's seconds).
 
     Returns:
         the :class:`~pyro_flows_ext.train.History` (``loss``: the negative ELBO estimate of
@@ -137,6 +146,14 @@ def fit_guide(
             raise TypeError(f"{name} must be a callable Pyro program, got {type(fn).__name__}")
     flags = {"vectorize_particles": vectorize_particles, "progress": progress}
     _check(steps, lr, lr_end, num_particles, patience, min_delta, smoothing, flags)
+    if cooldown is not None:
+        positive_int("cooldown", cooldown)
+        if patience is None:
+            raise ValueError(
+                f"cooldown={cooldown} needs patience (it starts when patience runs out)"
+            )
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable(steps_taken, loss), got {callback!r}")
     if max_plate_nesting is not None:
         positive_int("max_plate_nesting", max_plate_nesting, minimum=0)
     optim = pyro.optim.ClippedAdam(
@@ -148,14 +165,48 @@ def fit_guide(
         num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=nesting
     )
     svi = SVI(model, guide, optim, elbo)
-    return _run(svi, steps, _Smoother(smoothing, min_delta), patience, progress, args, kwargs)
+    stop = _AfterStep(patience, cooldown, lr_end, callback)
+    return _run(svi, steps, _Smoother(smoothing, min_delta), stop, progress, args, kwargs)
+
+
+class _AfterStep:
+    """What follows each step: the user's ``callback``, then whether to stop (after
+    ``patience`` steps without improvement, at once or after a ``cooldown`` of steps whose
+    step size decays to ``lr_end``)."""
+
+    def __init__(
+        self,
+        patience: int | None,
+        cooldown: int | None,
+        lr_end: float,
+        callback: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.patience, self.cooldown, self.lr_end = patience, cooldown, lr_end
+        self.callback = callback
+        self.end: int | None = None  # the step count at which the cool-down ends
+
+    def __call__(self, svi: SVI, smoother: _Smoother, history: History) -> bool:
+        taken = len(history.loss)
+        if self.callback is not None:
+            self.callback(taken, history.loss[-1])
+        if self.end is not None:
+            return taken >= self.end
+        if self.patience is None or smoother.since_best < self.patience:
+            return False
+        if self.cooldown is None:
+            return True
+        history.cooldown_from, self.end = taken, taken + self.cooldown
+        for optimizer in svi.optim.optim_objs.values():  # ClippedAdam: lr *= lrd each step
+            for group in optimizer.param_groups:
+                group["lrd"] = min(1.0, (self.lr_end / group["lr"]) ** (1.0 / self.cooldown))
+        return False
 
 
 def _run(
     svi: SVI,
     steps: int,
     smoother: _Smoother,
-    patience: int | None,
+    stop: _AfterStep,
     progress: bool,
     args: tuple,
     kwargs: dict,
@@ -174,7 +225,7 @@ def _run(
             if (step + 1) % every == 0 or step + 1 == steps:
                 bar.update(step + 1 - bar.n)
                 bar.set_postfix(elbo=f"{history.elbo:.4g}", refresh=False)
-            if patience is not None and smoother.since_best >= patience:
+            if stop(svi, smoother, history):
                 history.stopped_early = True
                 break
         bar.update(len(history.loss) - bar.n)
