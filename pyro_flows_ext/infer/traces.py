@@ -20,6 +20,7 @@ __all__ = [
     "max_plate_nesting",
     "particle_dim",
     "per_particle_log_prob",
+    "unsupported_latents",
     "vectorised_or_looped",
 ]
 
@@ -177,3 +178,35 @@ class PromoteToFloat64(TorchFunctionMode):
             return args[0]  # x.float() of a float64 x: keep the precision
         args, kwargs = _map(_promote, (args, kwargs))
         return _map(_promote, func(*args, **kwargs))
+
+
+def unsupported_latents(trace: Any, owner: str) -> Exception | None:
+    """The error for a model trace whose latents a continuous guide named ``owner`` cannot
+    handle, of the type Pyro's autoguides raise: ``ValueError`` for a discrete latent,
+    ``RuntimeError`` for no latent at all; ``None`` when there is no such problem.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> def model():
+        ...     pyro.sample("k", dist.Bernoulli(0.5))
+        >>> trace = pyro.poutine.trace(model).get_trace()
+        >>> type(unsupported_latents(trace, "MyGuide")).__name__
+        'ValueError'
+    """
+    if trace is None:
+        return None
+    latents = list(trace.iter_stochastic_nodes())
+    for name, site in latents:
+        if site["fn"].support.is_discrete:
+            return ValueError(
+                f"{owner} needs continuous latent sites, but site {name!r} has discrete "
+                f"support ({type(site['fn']).__name__}); enumerate it out (TraceEnum_ELBO) and "
+                f"hide it from this guide with poutine.block"
+            )
+    if not latents:
+        observed = [n for n, s in trace.nodes.items() if s["type"] == "sample"]
+        return RuntimeError(
+            f"{owner} needs at least one continuous latent sample site; the model has none "
+            f"(its sample sites: {observed or 'none'})"
+        )
+    return None

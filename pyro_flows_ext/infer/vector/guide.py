@@ -22,6 +22,7 @@ from pyro_flows_ext.infer.guide_state import (
     sync_param_store,
 )
 from pyro_flows_ext.infer.stl import StickingTheLanding
+from pyro_flows_ext.infer.traces import unsupported_latents
 from pyro_flows_ext.infer.vector.laplace import ModeSearch
 from pyro_flows_ext.infer.vector.start import GaussianStart, LogJoint, gaussian_start
 from pyro_flows_ext.infer.vector.steps import (
@@ -249,28 +250,6 @@ class AutoCouplingFlow(GuideStateMixin, FlowSummaries, AutoContinuous):
             self._setup_prototype(*args, **kwargs)
         return self
 
-    def _unsupported(self) -> Exception | None:
-        """The error for a model this guide cannot handle, of the type Pyro's autoguides
-        raise: ``ValueError`` for a discrete latent, ``RuntimeError`` for no latent at all."""
-        trace = self.prototype_trace
-        if trace is None:
-            return None
-        latents = list(trace.iter_stochastic_nodes())
-        for name, site in latents:
-            if site["fn"].support.is_discrete:
-                return ValueError(
-                    f"{type(self).__name__} needs continuous latent sites, but site {name!r} "
-                    f"has discrete support ({type(site['fn']).__name__}); enumerate it out "
-                    f"(TraceEnum_ELBO) and hide it from this guide with poutine.block"
-                )
-        if not latents:
-            observed = [n for n, s in trace.nodes.items() if s["type"] == "sample"]
-            return RuntimeError(
-                f"{type(self).__name__} needs at least one continuous latent sample site; the "
-                f"model has none (its sample sites: {observed or 'none'})"
-            )
-        return None
-
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         """Build the guide for the model's arguments, all or nothing: a failure (an
         unsupported model, an interrupt during the start) leaves the guide unbuilt, so the
@@ -286,7 +265,7 @@ class AutoCouplingFlow(GuideStateMixin, FlowSummaries, AutoContinuous):
         try:
             super()._setup_prototype(*args, **kwargs)
         except (ValueError, RuntimeError, NotImplementedError) as err:
-            problem = self._unsupported()
+            problem = unsupported_latents(self.prototype_trace, type(self).__name__)
             if problem is not None:
                 raise problem from err
             raise
