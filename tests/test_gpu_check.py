@@ -14,8 +14,21 @@ if str(_REPO) not in sys.path:  # ``benchmarks`` is not an installed package
     sys.path.insert(0, str(_REPO))
 
 from benchmarks import gpu  # noqa: E402
+from benchmarks.posteriors.models import posteriordb_root  # noqa: E402
+from pyro_flows_ext.datasets import find_mnist  # noqa: E402
 
 SMOKE = ["--device", "cpu", "--smoke"]
+
+
+@pytest.fixture
+def shared_data() -> None:
+    """The Glow section reads MNIST and the guides section a posteriordb posterior from
+    ``../shared``; without them (a user's clone) these runs are skipped."""
+    try:
+        find_mnist()
+        posteriordb_root()
+    except FileNotFoundError as err:
+        pytest.skip(f"the shared data is not available here: {err}")
 
 
 def _check_glow_and_guides(sections: dict) -> None:
@@ -35,7 +48,7 @@ def _check_glow_and_guides(sections: dict) -> None:
         assert row["cpu_over_device"] > 0
 
 
-def test_cpu_fallback_writes_its_results(tmp_path: Path) -> None:
+def test_cpu_fallback_writes_its_results(tmp_path: Path, shared_data: None) -> None:
     out = tmp_path / "gpu.json"
     gpu.main([*SMOKE, "--parts", "glow,guides", "--no-compile", "--out", str(out)])
     saved = json.loads(out.read_text())
@@ -56,7 +69,7 @@ def test_unknown_section_is_an_error(capsys: pytest.CaptureFixture[str]) -> None
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch.compile's internal warnings
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_whole_cpu_fallback(tmp_path: Path) -> None:
+def test_whole_cpu_fallback(tmp_path: Path, shared_data: None) -> None:
     """Every section, the CUDA tests (all skipped without CUDA) and compiled Glows too."""
     results = gpu.main([*SMOKE, "--out", str(tmp_path / "gpu.json")])
     tests = results["sections"]["tests"]
