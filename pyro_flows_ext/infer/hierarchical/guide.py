@@ -27,6 +27,10 @@ from pyro_flows_ext.infer.hierarchical.local_flow import (
     global_flow,
 )
 from pyro_flows_ext.infer.hierarchical.local_prior import LocalPrior, local_priors
+from pyro_flows_ext.infer.hierarchical.newton import (
+    chunked_newton_conditionals,
+    newton_conditionals,
+)
 from pyro_flows_ext.infer.hierarchical.plates import PlateGroup, PlateStructure, plate_structure
 from pyro_flows_ext.infer.stl import StickingTheLanding
 from pyro_flows_ext.transforms import LowerAffine
@@ -37,6 +41,7 @@ __all__ = ["AutoHierarchicalFlow"]
 Draw = Callable[[str, Distribution, bool, Callable[[], Distribution] | None], Tensor]
 Emit = Callable[[str, Tensor, Tensor], Tensor]
 Scope = Callable[[PlateGroup], AbstractContextManager[Any]]
+Conditionals = Callable[[Tensor, dict[int, Tensor]], dict[int, tuple[Tensor, Tensor]]]
 
 
 class AutoHierarchicalFlow(AutoGuide):
@@ -158,6 +163,7 @@ class AutoHierarchicalFlow(AutoGuide):
         clamp: float = 5.0,
         net_lr_scale: float = 0.1,
         local_prior: bool = True,
+        newton: bool = True,
         stl: bool = False,
         create_plates: Callable[..., Any] | None = None,
     ) -> None:
@@ -175,6 +181,7 @@ class AutoHierarchicalFlow(AutoGuide):
         self.clamp = positive_float("clamp", clamp)
         self.net_lr_scale = positive_float("net_lr_scale", net_lr_scale)
         self.local_prior = check_bool("local_prior", local_prior)
+        self.newton = check_bool("newton", newton)
         self.stl = check_bool("stl", stl)
         self.structure: PlateStructure | None = None
         super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
@@ -229,6 +236,13 @@ class AutoHierarchicalFlow(AutoGuide):
             self._local_flow(group, prior, widths)
             for group, prior in zip(s.groups, priors, strict=True)
         )
+        parents = {j for group in s.groups for j in group.parents}
+        leaves = [i for i in range(len(s.groups)) if i not in parents]
+        self._newton_groups = frozenset(leaves if self.newton else [])
+        self._model_nesting = max(
+            (-f.dim for site in trace.nodes.values() for f in site.get("cond_indep_stack", ())),
+            default=0,
+        )
         self.register_buffer("_anchor", like.new_zeros(()).detach())
         self.to(dtype=like.dtype, device=like.device)
 
@@ -263,15 +277,57 @@ class AutoHierarchicalFlow(AutoGuide):
         return dist.TransformedDistribution(base, list(self.global_flow))
 
     def _local_dist(
-        self, i: int, parts: list[Tensor], g: Tensor, indices: dict[str, Tensor]
+        self,
+        i: int,
+        parts: list[Tensor],
+        g: Tensor,
+        indices: dict[str, Tensor],
+        newton: tuple[Tensor, Tensor] | None,
     ) -> Distribution:
         assert self.structure is not None
         group, flow = self.structure.groups[i], cast(LocalFlow, self.local_flows[i])
         params = flow.element_params(group.plates, indices)
-        batch = torch.broadcast_shapes(*(t.shape[:-1] for t in parts), params[0].shape[:-1])
+        shapes = [t.shape[:-1] for t in parts] + [params[0].shape[:-1]]
+        if newton is not None:
+            shapes.append(newton[0].shape[:-1])
+        batch = torch.broadcast_shapes(*shapes)
         base = dist.Normal(self._anchor, 1.0).expand(batch + (group.dim,)).to_event(1)
-        transforms = flow.transforms(parts, g, *params)
+        transforms = flow.transforms(parts, g, *params, newton=newton)
         return dist.TransformedDistribution(base, transforms)
+
+    def _anchors(self, g: Tensor, indices: dict[str, Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
+        """Every Newton group's learned Gaussian at ``g`` over the grid of ``indices``: where
+        its Newton step starts, and its fallback."""
+        assert self.structure is not None
+        sizes = {n: len(i) for n, i in indices.items()}
+        out = {}
+        for i in sorted(self._newton_groups):
+            group, flow = self.structure.groups[i], cast(LocalFlow, self.local_flows[i])
+            loc, log_scale = flow.gaussian(g, *flow.element_params(group.plates, indices))
+            shape = torch.broadcast_shapes(loc.shape[:-1], g.shape[:-1], group.grid(sizes))
+            shape += (group.dim,)
+            out[i] = (loc.expand(shape), log_scale.expand(shape))
+        return out
+
+    def _conditionals(
+        self,
+        g: Tensor,
+        blocks: dict[int, Tensor],
+        indices: dict[str, Tensor],
+        args: tuple,
+        kwargs: dict,
+        chunked: bool = False,
+    ) -> dict[int, tuple[Tensor, Tensor]]:
+        """The Newton groups' Gaussians at ``g`` and the other groups' draws ``blocks``, for
+        the elements ``indices`` (the model's plates' subsample; with ``chunked``, the full
+        plates, read in chunks of the model's subsample sizes)."""
+        s = self.structure
+        assert s is not None
+        anchors = self._anchors(g, indices)
+        every = [blocks[k] if k in blocks else anchors[k][0] for k in range(len(s.groups))]
+        if chunked and any(p.subsample_size < p.size for p in s.plates.values()):
+            return chunked_newton_conditionals(self.model, s, g, every, anchors, args, kwargs)
+        return newton_conditionals(self.model, s, g, every, anchors, indices, args, kwargs)
 
     def _features(self, indices: dict[str, Tensor], args: tuple, kwargs: dict) -> dict[str, Tensor]:
         """Each plate's per-element features at ``indices``, placed at the plate's dim."""
@@ -293,10 +349,12 @@ class AutoHierarchicalFlow(AutoGuide):
         draw: Draw,
         emit: Emit,
         scope: Scope,
+        conditionals: Conditionals,
     ) -> dict[str, Tensor]:
-        """Draw the globals, then each group given the globals and its parents; ``draw``
-        samples a block (told whether it is the first draw of its chain), ``emit`` turns a
-        site's value into the result, ``scope`` enters a group's plates."""
+        """Draw the globals, then each group given the globals and its parents (the Newton
+        groups last, from ``conditionals(g, blocks)``); ``draw`` samples a block (told
+        whether it is the first draw of its chain), ``emit`` turns a site's value into the
+        result, ``scope`` enters a group's plates."""
         s = self.structure
         assert s is not None
         result: dict[str, Tensor] = {}
@@ -306,21 +364,30 @@ class AutoHierarchicalFlow(AutoGuide):
             result.update({n: emit(n, v, ld) for n, (v, ld) in s.split_globals(g).items()})
             centred = g - cast(LowerAffine, self.global_flow[-1]).loc.detach()
         sizes = {n: len(i) for n, i in indices.items()}
-        blocks: list[Tensor] = []
-        for i, group in enumerate(s.groups):
+        blocks: dict[int, Tensor] = {}
+        gaussians: dict[int, tuple[Tensor, Tensor]] = {}
+        for i in sorted(range(len(s.groups)), key=lambda k: k in self._newton_groups):
+            group = s.groups[i]
             parts = [centred] if s.global_dim else []
             parts += [blocks[j] for j in group.parents] + [feats[p.name] for p in group.plates]
+            if i in self._newton_groups and not gaussians:
+                gaussians = conditionals(g, blocks)
             with scope(group):
                 fresh = not s.global_dim and not group.parents  # no draw in its context yet
-                q = self._local_dist(i, parts, g, indices)
+                q = self._local_dist(i, parts, g, indices, gaussians.get(i))
 
-                def score(i: int = i, c: list[Tensor] = parts) -> Distribution:
-                    return self._local_dist(i, [t.detach() for t in c], g.detach(), indices)
+                def score(
+                    i: int = i, c: list[Tensor] = parts, newton: bool = bool(gaussians)
+                ) -> Distribution:  # the density with its context detached
+                    fixed = {k: b.detach() for k, b in blocks.items()}
+                    again = conditionals(g.detach(), fixed)[i] if newton else None
+                    detached = [t.detach() for t in c]
+                    return self._local_dist(i, detached, g.detach(), indices, again)
 
                 u = draw(self._aux(group.name), q, fresh, score)
                 values = group.split(u, sizes)
                 result.update({n: emit(n, v, ld) for n, (v, ld) in values.items()})
-            blocks.append(u)
+            blocks[i] = u
         return result
 
     # ---------------------------------------------------------------- the guide ---------
@@ -347,7 +414,10 @@ class AutoHierarchicalFlow(AutoGuide):
                 stack.enter_context(plates[p.name])
             return stack
 
-        return self._walk(indices, feats, draw, emit, scope)
+        def conditionals(g: Tensor, blocks: dict[int, Tensor]) -> dict[int, Any]:
+            return self._conditionals(g, blocks, indices, args, kwargs)
+
+        return self._walk(indices, feats, draw, emit, scope, conditionals)
 
     def _full(self, draw: Draw, args: tuple, kwargs: dict) -> dict[str, Tensor]:
         """Run the flows over the full plates (no Pyro sites), values as ``draw`` gives."""
@@ -356,7 +426,13 @@ class AutoHierarchicalFlow(AutoGuide):
         device = self._anchor.device
         indices = {n: torch.arange(p.size, device=device) for n, p in self.structure.plates.items()}
         feats = self._features(indices, args, kwargs)
-        return self._walk(indices, feats, draw, lambda n, v, ld: v, lambda g: nullcontext())
+
+        def conditionals(g: Tensor, blocks: dict[int, Tensor]) -> dict[int, Any]:
+            return self._conditionals(g, blocks, indices, args, kwargs, chunked=True)
+
+        return self._walk(
+            indices, feats, draw, lambda n, v, ld: v, lambda g: nullcontext(), conditionals
+        )
 
     @torch.no_grad()
     def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
@@ -393,7 +469,7 @@ class AutoHierarchicalFlow(AutoGuide):
         self.initialize(*args, **kwargs)
         assert self.structure is not None
 
-        nesting = max((g.nesting for g in self.structure.groups), default=0)
+        nesting = max([self._model_nesting] + [g.nesting for g in self.structure.groups])
 
         def draw(name: str, d: Distribution, fresh: bool, score: Any) -> Tensor:
             pad = (1,) * (nesting - len(d.batch_shape))  # the sample dim left of every plate

@@ -14,6 +14,7 @@ from torch.distributions.transforms import AffineTransform
 
 from pyro_flows_ext.checks import positive_float, positive_int
 from pyro_flows_ext.infer.hierarchical.local_prior import LocalPrior
+from pyro_flows_ext.infer.hierarchical.newton import PrecisionAffine
 from pyro_flows_ext.infer.hierarchical.plates import PlateInfo
 from pyro_flows_ext.infer.stl import StickingTheLanding
 from pyro_flows_ext.infer.vector.guide import SPLINE_BINS
@@ -177,16 +178,42 @@ class LocalFlow(nn.Module):
         self,
         parts: Sequence[Tensor],
         g: Tensor,
+        *params: Tensor,
+        newton: tuple[Tensor, Tensor] | None = None,
+    ) -> list[Transform]:
+        """Base-to-latent transforms for the context given as ``parts`` (``(*batch_k, C_k)``
+        that broadcast, concatenated in order: see :func:`cat_features`) and the globals'
+        draw ``g`` ``(*batch, D)``, with :meth:`element_params`. With ``newton`` (the mean and
+        the precision's Cholesky factor of each element's Newton-step Gaussian, see
+        :mod:`~pyro_flows_ext.infer.hierarchical.newton`) the last layer maps to that Gaussian
+        and the network's shift and scale act in its whitened space; without, to
+        :meth:`gaussian`."""
+        shift, h = self.net.forward_parts(parts).chunk(2, dim=-1)
+        squash = self.clamp * torch.tanh(h / self.clamp)
+        couplings: list[Transform] = []
+        if len(self.couplings):
+            context = cat_features(parts)
+            couplings = [condition_all(cast(Transform, t), context) for t in self.couplings]
+        if newton is None:
+            loc, log_scale = self.gaussian(g, *params)
+            return [
+                *couplings,
+                AffineTransform(loc + shift, (log_scale + squash).exp(), event_dim=1),
+            ]
+        whitened = AffineTransform(shift, squash.exp(), event_dim=1)
+        return [*couplings, whitened, PrecisionAffine(*newton)]
+
+    def gaussian(
+        self,
+        g: Tensor,
         pseudo_loc: Tensor,
         pseudo_log_prec: Tensor,
         prior_loc: Tensor,
         prior_log_scale: Tensor,
         prior_coef: Tensor,
-    ) -> list[Transform]:
-        """Base-to-latent transforms for the context given as ``parts`` (``(*batch_k, C_k)``
-        that broadcast, concatenated in order: see :func:`cat_features`) and the globals'
-        draw ``g`` ``(*batch, D)``, with :meth:`element_params`."""
-        shift, h = self.net.forward_parts(parts).chunk(2, dim=-1)
+    ) -> tuple[Tensor, Tensor]:
+        """The location and log-scale ``(*batch, F)`` of the prior at ``g`` times the learned
+        pseudo-likelihood, featurewise (class docstring), with :meth:`element_params`."""
         loc, log_scale = pseudo_loc, -0.5 * pseudo_log_prec
         if g.shape[-1] and self.has_prior:
             f = self.features
@@ -196,12 +223,7 @@ class LocalFlow(nn.Module):
             weight = torch.sigmoid(log_prior - pseudo_log_prec)
             loc = pseudo_loc + weight * (prior_loc + linear[..., :f] - pseudo_loc)
             log_scale = -0.5 * torch.logaddexp(log_prior, pseudo_log_prec)
-        scale = (log_scale + self.clamp * torch.tanh(h / self.clamp)).exp()
-        couplings: list[Transform] = []
-        if len(self.couplings):
-            context = cat_features(parts)
-            couplings = [condition_all(cast(Transform, t), context) for t in self.couplings]
-        return [*couplings, AffineTransform(loc + shift, scale, event_dim=1)]
+        return loc, log_scale
 
 
 def global_flow(

@@ -24,7 +24,14 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import Transform, biject_to
 
-__all__ = ["PlateGroup", "PlateInfo", "PlateStructure", "SiteLayout", "plate_structure"]
+__all__ = [
+    "PlateGroup",
+    "PlateInfo",
+    "PlateStructure",
+    "SiteLayout",
+    "index_chunks",
+    "plate_structure",
+]
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,18 @@ class PlateGroup:
                 values = periodic_repeat(values, p.size, p.dim - 1)
         return values
 
+    def grid_index(self, idx: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        """Advanced indices of the elements ``idx`` (plate name -> indices) in a tensor
+        ``(*lead, *grid, ...)`` over the full plates (index it as ``t[(..., *ix, slice)]``)."""
+        n = self.nesting
+        at = {p.dim: idx[p.name] for p in self.plates}
+        device = next(iter(at.values())).device
+        out = []
+        for j in range(n):
+            ids = at.get(j - n, torch.zeros(1, dtype=torch.long, device=device))
+            out.append(ids.reshape([-1 if k == j else 1 for k in range(n)]))
+        return tuple(out)
+
     def split(self, u: Tensor, sizes: dict[str, int]) -> dict[str, tuple[Tensor, Tensor]]:
         """``name -> (value, log_density)`` for every site from the group's values
         ``(*lead, *grid, F)``; without ``lead`` each value has the site's own batch shape."""
@@ -200,6 +219,24 @@ class PlateStructure:
                 if site.name == name:
                     return group.full_shape(site)
         return next(s.shape for s in self.global_sites if s.name == name)
+
+
+def index_chunks(plates: Sequence[PlateInfo]) -> list[list[Tensor]]:
+    """Each plate's index chunks: the whole plate, or its subsample size at a time (the last
+    chunk filled up from the start), for reading a subsampling model over its full plates.
+
+    Example:
+        >>> [c.tolist() for c in index_chunks([PlateInfo("g", -1, 5, 2)])[0]]
+        [[0, 1], [2, 3], [4, 0]]
+    """
+    out = []
+    for p in plates:
+        if p.subsample_size == p.size:
+            out.append([torch.arange(p.size)])
+            continue
+        ids = torch.arange(math.ceil(p.size / p.subsample_size) * p.subsample_size) % p.size
+        out.append(list(ids.split(p.subsample_size)))
+    return out
 
 
 def _plates_of(name: str, site: dict[str, Any]) -> tuple[PlateInfo, ...]:
