@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from pyro_flows_ext.checks import check_bool, hidden_sizes, one_of, positive_float, positive_int
+from pyro_flows_ext.infer.hierarchical.full import Draw, FullPlateDraws
 from pyro_flows_ext.infer.hierarchical.local_flow import (
     LOCAL_HIDDEN,
     ConditionalSTL,
@@ -25,12 +26,10 @@ from pyro_flows_ext.infer.hierarchical.local_flow import (
     check_encoders,
     encode,
     global_flow,
+    plate_features,
 )
 from pyro_flows_ext.infer.hierarchical.local_prior import LocalPrior, local_priors
-from pyro_flows_ext.infer.hierarchical.newton import (
-    chunked_newton_conditionals,
-    newton_conditionals,
-)
+from pyro_flows_ext.infer.hierarchical.newton import group_conditionals
 from pyro_flows_ext.infer.hierarchical.plates import PlateGroup, PlateStructure, plate_structure
 from pyro_flows_ext.infer.stl import StickingTheLanding
 from pyro_flows_ext.transforms import LowerAffine
@@ -38,13 +37,12 @@ from pyro_flows_ext.transforms.kinds import COUPLINGS
 
 __all__ = ["AutoHierarchicalFlow"]
 
-Draw = Callable[[str, Distribution, bool, Callable[[], Distribution] | None], Tensor]
 Emit = Callable[[str, Tensor, Tensor], Tensor]
 Scope = Callable[[PlateGroup], AbstractContextManager[Any]]
 Conditionals = Callable[[Tensor, dict[int, Tensor]], dict[int, tuple[Tensor, Tensor]]]
 
 
-class AutoHierarchicalFlow(AutoGuide):
+class AutoHierarchicalFlow(FullPlateDraws, AutoGuide):
     """A flow guide for hierarchical models: a coupling flow over the global latents and, for
     every plate element, a conditional flow over its local latents given the globals' draw.
 
@@ -63,18 +61,24 @@ class AutoHierarchicalFlow(AutoGuide):
     :math:`i` of an ``(N, embedding_dim)`` parameter) or, for a plate with an encoder, the
     element's encoded data, and the parents are the groups in a subset of its plates (nested
     plates). The networks are shared across elements; the per-element parameters (embeddings,
-    location and log-scale, ``embedding_dim + 2 F`` numbers per element) are indexed by the
-    plate's subsample, so under ``pyro.plate(name, N, subsample_size=B)`` a step computes and
-    differentiates only the ``B`` sampled elements (the log densities are scaled by ``N / B``
-    by the plate, as for ``AutoNormal``). Those per-element parameters learn at ``B / N`` of
-    the step size: an element is in a step's subsample with probability ``B / N``, and Adam's
-    momentum turns each visit into some thirty steps' worth of movement along that one noisy
-    gradient (zero gradients elsewhere still move a row), which at full rate drove the globals
-    of a 100,000-group funnel subsampled by 1,000 far off (``log tau`` 3 below the truth).
+    pseudo-likelihood, ``embedding_dim + 2 F`` numbers per element) are indexed by the plate's
+    subsample, so under ``pyro.plate(name, N, subsample_size=B)`` a step computes and
+    differentiates only the ``B`` sampled elements (the plate scales the log densities by
+    ``N / B``, as for ``AutoNormal``). They learn at ``B / N`` of the step size: Adam's
+    momentum turns each visit into some thirty steps of movement along one noisy gradient,
+    which at full rate drove the globals of a 100,000-group funnel subsampled by 1,000 far off.
 
-    A fresh guide is a Gaussian: the globals' around the ``init_loc_fn`` point, and each local
-    at its prior given the globals times its pseudo-likelihood start where that prior is a
-    location-scale family that depends on them (``local_prior``), else around its point.
+    Newton conditionals (``newton``, the default), for every group that no other group nests
+    in: after each draw of the globals (and enclosing groups), one run of the model at each
+    element's learned Gaussian :math:`u_i^0` gives the gradient and ``F x F`` Hessian of its
+    conditional log density, and one Newton step the Gaussian :math:`\\mathcal N(m_i,
+    P_i^{-1})` (:mod:`~pyro_flows_ext.infer.hierarchical.newton`): the exact conditional for
+    normal priors and likelihoods, correlated across the element's sites and moving with
+    every global (radon's county intercept and slope with :math:`\\sigma_y`), the Laplace
+    approximation otherwise. The network and couplings act in its whitened space. A fresh
+    guide is a Gaussian around the ``init_loc_fn`` point in the globals, each local at its
+    Newton Gaussian (or, for ``newton=False`` and groups with children, at its prior given the
+    globals times its pseudo-likelihood start, see ``local_prior``).
 
     Subsampling: the guide creates the model's plates itself (``pyro.plate(name, N,
     subsample_size=B)`` with the prototype's sizes), and the model's plate reuses its indices.
@@ -99,19 +103,17 @@ class AutoHierarchicalFlow(AutoGuide):
         embedding_dim: size of each plate's learned per-element embedding.
         encoders: per-plate feature functions (see above).
         coupling: ``"spline"`` or ``"affine"`` couplings for the globals; by default
-            (``None``) splines when the model's plates hold fewer than
-            :attr:`AFFINE_FROM` elements in all, else affine. Splines bend the globals'
-            marginals, which a few groups need (a funnel's skewed ``log tau``: on the 8-group
-            funnel the largest mean error was 0.05 sd with splines, 1.2 with affine
-            couplings); with many groups the globals' posterior is close to Gaussian, and the
-            splines' outer bins, which hold little mass, drift and fatten the tails (on the
-            10,000-group funnel the sd of ``mu`` wandered between 1x and 4x the exact one late
-            in training, where affine couplings held it within 3%).
+            (``None``) splines when the model's plates hold fewer than :attr:`AFFINE_FROM`
+            elements in all, else affine. Splines bend the globals' marginals, which a few
+            groups need (8-group funnel: 0.05 sd with splines, 1.2 affine); with many groups
+            their outer bins drift and fatten the tails (10,000-group funnel).
         init_loc_fn: initial values (:mod:`pyro.infer.autoguide.initialization`): the
             globals' flow starts around them, each element's pseudo-likelihood at one Newton
             step from them (:mod:`~pyro_flows_ext.infer.hierarchical.local_prior`).
         init_scale: initial standard deviation of every latent (unconstrained) that does not
             start at its prior.
+        newton: the Newton conditionals above (one more model run and ``F`` Hessian-vector
+            products per step).
         local_prior: use the model's prior of each local given the globals where it is a
             location-scale family that depends on them (``theta ~ Normal(mu, tau)``): the
             local flow is then that prior times a learned Gaussian pseudo-likelihood per
@@ -139,9 +141,6 @@ class AutoHierarchicalFlow(AutoGuide):
     References: Kingma & Dhariwal (2018), Glow; Durkan et al. (2019), neural spline flows;
     Agrawal & Domke (2021), amortized variational inference for simple hierarchical models.
     """
-
-    num_quantile_samples: int = 1000
-    """Draws behind :meth:`quantiles` (Monte Carlo over the full plates)."""
 
     AFFINE_FROM: int = 1000
     """Plate elements (all plates together) from which the globals' couplings are affine
@@ -186,7 +185,6 @@ class AutoHierarchicalFlow(AutoGuide):
         self.structure: PlateStructure | None = None
         super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
 
-    # ---------------------------------------------------------------- setup -------------
     def initialize(self, *args: Any, **kwargs: Any) -> AutoHierarchicalFlow:
         """Run the model once and build the flows (a no-op if done). Returns the guide."""
         if self.prototype_trace is None:
@@ -236,13 +234,8 @@ class AutoHierarchicalFlow(AutoGuide):
             self._local_flow(group, prior, widths)
             for group, prior in zip(s.groups, priors, strict=True)
         )
-        parents = {j for group in s.groups for j in group.parents}
-        leaves = [i for i in range(len(s.groups)) if i not in parents]
-        self._newton_groups = frozenset(leaves if self.newton else [])
-        self._model_nesting = max(
-            (-f.dim for site in trace.nodes.values() for f in site.get("cond_indep_stack", ())),
-            default=0,
-        )
+        self._newton_groups = frozenset(s.leaves if self.newton else ())
+        self._model_nesting = s.model_nesting
         self.register_buffer("_anchor", like.new_zeros(()).detach())
         self.to(dtype=like.dtype, device=like.device)
 
@@ -268,7 +261,6 @@ class AutoHierarchicalFlow(AutoGuide):
             self.clamp, math.prod(p.rate for p in group.plates),
         )  # fmt: skip
 
-    # ---------------------------------------------------------------- the flows ---------
     def _aux(self, block: str) -> str:
         return f"_{self._pyro_name}_{block}"
 
@@ -295,20 +287,6 @@ class AutoHierarchicalFlow(AutoGuide):
         transforms = flow.transforms(parts, g, *params, newton=newton)
         return dist.TransformedDistribution(base, transforms)
 
-    def _anchors(self, g: Tensor, indices: dict[str, Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
-        """Every Newton group's learned Gaussian at ``g`` over the grid of ``indices``: where
-        its Newton step starts, and its fallback."""
-        assert self.structure is not None
-        sizes = {n: len(i) for n, i in indices.items()}
-        out = {}
-        for i in sorted(self._newton_groups):
-            group, flow = self.structure.groups[i], cast(LocalFlow, self.local_flows[i])
-            loc, log_scale = flow.gaussian(g, *flow.element_params(group.plates, indices))
-            shape = torch.broadcast_shapes(loc.shape[:-1], g.shape[:-1], group.grid(sizes))
-            shape += (group.dim,)
-            out[i] = (loc.expand(shape), log_scale.expand(shape))
-        return out
-
     def _conditionals(
         self,
         g: Tensor,
@@ -318,29 +296,17 @@ class AutoHierarchicalFlow(AutoGuide):
         kwargs: dict,
         chunked: bool = False,
     ) -> dict[int, tuple[Tensor, Tensor]]:
-        """The Newton groups' Gaussians at ``g`` and the other groups' draws ``blocks``, for
-        the elements ``indices`` (the model's plates' subsample; with ``chunked``, the full
-        plates, read in chunks of the model's subsample sizes)."""
-        s = self.structure
-        assert s is not None
-        anchors = self._anchors(g, indices)
-        every = [blocks[k] if k in blocks else anchors[k][0] for k in range(len(s.groups))]
-        if chunked and any(p.subsample_size < p.size for p in s.plates.values()):
-            return chunked_newton_conditionals(self.model, s, g, every, anchors, args, kwargs)
-        return newton_conditionals(self.model, s, g, every, anchors, indices, args, kwargs)
+        """The Newton groups' Gaussians (:func:`group_conditionals`)."""
+        assert self.structure is not None
+        groups = {i: self.local_flows[i] for i in sorted(self._newton_groups)}
+        return group_conditionals(
+            self.model, self.structure, groups, g, blocks, indices, args, kwargs, chunked
+        )
 
     def _features(self, indices: dict[str, Tensor], args: tuple, kwargs: dict) -> dict[str, Tensor]:
-        """Each plate's per-element features at ``indices``, placed at the plate's dim."""
         assert self.structure is not None
-        out = {}
-        for name, plate in self.structure.plates.items():
-            if name in self.encoders:
-                table, scale = encode(self.encoders[name], name, plate.size, args, kwargs), 1.0
-            else:
-                table, scale = self.embeddings[name], plate.rate
-            rows = table.to(self._anchor).index_select(0, indices[name].to(table.device)) * scale
-            out[name] = rows.reshape((len(rows),) + (1,) * (-plate.dim - 1) + rows.shape[-1:])
-        return out
+        tables = (self.structure.plates, self.encoders, self.embeddings)
+        return plate_features(*tables, self._anchor, indices, args, kwargs)
 
     def _walk(
         self,
@@ -390,7 +356,6 @@ class AutoHierarchicalFlow(AutoGuide):
             blocks[i] = u
         return result
 
-    # ---------------------------------------------------------------- the guide ---------
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Sample every latent site (in the constrained space) for the model's arguments."""
         self.initialize(*args, **kwargs)
@@ -433,73 +398,3 @@ class AutoHierarchicalFlow(AutoGuide):
         return self._walk(
             indices, feats, draw, lambda n, v, ld: v, lambda g: nullcontext(), conditionals
         )
-
-    @torch.no_grad()
-    def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        """The image of the base median (zero) through the flows, for every element of the
-        full plates: ``name -> value`` in the constrained space. For the Gaussian the guide
-        starts at it is the median; for a trained flow a central point (see
-        :meth:`quantiles`)."""
-
-        def draw(name: str, d: Distribution, fresh: bool, score: Any) -> Tensor:
-            z = d.base_dist.mean  # type: ignore[attr-defined]
-            for t in d.transforms:  # type: ignore[attr-defined]
-                z = t(z)
-            return z
-
-        values = self._full(draw, args, kwargs)
-        assert self.structure is not None
-        return {n: v.reshape(self.structure.full_shape(n)) for n, v in values.items()}
-
-    @torch.no_grad()
-    def sample_full(self, num_samples: int, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        """``num_samples`` joint draws over the full plates (no subsampling):
-        ``name -> (num_samples, *shape)`` in the constrained space. Memory grows as
-        ``num_samples`` times the total size of the latents.
-
-        Example:
-            >>> import pyro, pyro.distributions as dist
-            >>> def model():
-            ...     with pyro.plate("g", 3):
-            ...         pyro.sample("x", dist.Normal(0.0, 1.0))
-            >>> AutoHierarchicalFlow(model).sample_full(4)["x"].shape
-            torch.Size([4, 3])
-        """
-        num = positive_int("num_samples", num_samples)
-        self.initialize(*args, **kwargs)
-        assert self.structure is not None
-
-        nesting = max([self._model_nesting] + [g.nesting for g in self.structure.groups])
-
-        def draw(name: str, d: Distribution, fresh: bool, score: Any) -> Tensor:
-            pad = (1,) * (nesting - len(d.batch_shape))  # the sample dim left of every plate
-            return d.sample((num, *pad) if fresh else ())
-
-        values = self._full(draw, args, kwargs)
-        return {n: v.reshape((num, *self.structure.full_shape(n))) for n, v in values.items()}
-
-    @torch.no_grad()
-    def quantiles(
-        self, quantiles: Sequence[float] | Tensor, *args: Any, **kwargs: Any
-    ) -> dict[str, Tensor]:
-        """Marginal quantiles of every latent over the full plates, elementwise in the
-        constrained space, from :attr:`num_quantile_samples` draws of :meth:`sample_full`:
-        ``name -> (len(quantiles), *shape)``.
-
-        Example:
-            >>> import pyro, pyro.distributions as dist
-            >>> def model():
-            ...     pyro.sample("s", dist.LogNormal(0.0, 1.0))
-            >>> AutoHierarchicalFlow(model).quantiles([0.25, 0.75])["s"].shape
-            torch.Size([2])
-        """
-        self.initialize(*args, **kwargs)
-        q = torch.as_tensor(quantiles, dtype=self._anchor.dtype, device=self._anchor.device)
-        if q.dim() != 1 or not ((q >= 0) & (q <= 1)).all():
-            raise ValueError(f"quantiles must be a 1-d sequence in [0, 1], got {quantiles!r}")
-        draws = self.sample_full(self.num_quantile_samples, *args, **kwargs)
-        out = {}
-        for name, value in draws.items():
-            flat = value.reshape(value.shape[0], -1)
-            out[name] = torch.quantile(flat, q, dim=0).reshape(q.shape + value.shape[1:])
-        return out

@@ -38,6 +38,7 @@ __all__ = [
     "check_encoders",
     "encode",
     "global_flow",
+    "plate_features",
 ]
 
 LOCAL_HIDDEN = (16,)
@@ -292,6 +293,29 @@ def encode(fn: Callable[..., Tensor], name: str, size: int, args: tuple, kwargs:
         raise ValueError(
             f"the encoder of plate {name!r} must return a tensor (N={size}, features), got {got}"
         )
+    return out
+
+
+def plate_features(
+    plates: dict[str, PlateInfo],
+    encoders: dict[str, Callable[..., Tensor]],
+    embeddings: nn.ParameterDict,
+    like: Tensor,
+    indices: dict[str, Tensor],
+    args: tuple,
+    kwargs: dict,
+) -> dict[str, Tensor]:
+    """Each plate's per-element features at ``indices`` (its encoder's rows, or its learned
+    embedding's, read at the plate's rate ``B / N``), placed at the plate's dim, in
+    ``like``'s dtype and device."""
+    out = {}
+    for name, plate in plates.items():
+        if name in encoders:
+            table, scale = encode(encoders[name], name, plate.size, args, kwargs), 1.0
+        else:
+            table, scale = embeddings[name], plate.rate
+        rows = table.to(like).index_select(0, indices[name].to(table.device)) * scale
+        out[name] = rows.reshape((len(rows),) + (1,) * (-plate.dim - 1) + rows.shape[-1:])
     return out
 
 

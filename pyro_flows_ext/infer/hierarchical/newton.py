@@ -41,6 +41,7 @@ from pyro_flows_ext.infer.hierarchical.plates import PlateStructure, index_chunk
 
 __all__ = [
     "chunked_newton_conditionals",
+    "group_conditionals",
     "MAX_STEP",
     "PrecisionAffine",
     "gradient_and_precision",
@@ -260,3 +261,33 @@ def chunked_newton_conditionals(
 def _at(grid_index: tuple[Tensor, ...], event_dims: int) -> tuple[Any, ...]:
     """An index of the elements ``grid_index`` in a tensor ``(*lead, *grid, *event)``."""
     return (Ellipsis, *grid_index) + (slice(None),) * event_dims
+
+
+def group_conditionals(
+    model: Callable[..., Any],
+    structure: PlateStructure,
+    flows: dict[int, Any],
+    g: Tensor,
+    blocks: dict[int, Tensor],
+    indices: dict[str, Tensor],
+    args: tuple,
+    kwargs: dict,
+    chunked: bool = False,
+) -> dict[int, tuple[Tensor, Tensor]]:
+    """The Newton Gaussians of the groups ``k`` of ``flows`` (their
+    :class:`~pyro_flows_ext.infer.hierarchical.local_flow.LocalFlow`) at the globals ``g``
+    and the other groups' draws ``blocks``, for the elements ``indices`` (the plates'
+    subsample; with ``chunked``, the full plates, read in chunks of the model's subsample
+    sizes). Each starts at, and falls back to, its flow's learned Gaussian at ``g``."""
+    sizes = {n: len(i) for n, i in indices.items()}
+    anchors = {}
+    for k, flow in flows.items():
+        group = structure.groups[k]
+        loc, log_scale = flow.gaussian(g, *flow.element_params(group.plates, indices))
+        shape = torch.broadcast_shapes(loc.shape[:-1], g.shape[:-1], group.grid(sizes))
+        shape += (group.dim,)
+        anchors[k] = (loc.expand(shape), log_scale.expand(shape))
+    every = [blocks[k] if k in blocks else anchors[k][0] for k in range(len(structure.groups))]
+    if chunked and any(p.subsample_size < p.size for p in structure.plates.values()):
+        return chunked_newton_conditionals(model, structure, g, every, anchors, args, kwargs)
+    return newton_conditionals(model, structure, g, every, anchors, indices, args, kwargs)

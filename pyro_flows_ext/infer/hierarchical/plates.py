@@ -172,6 +172,14 @@ class PlateStructure:
     global_sites: list[SiteLayout]
     groups: list[PlateGroup]
     plates: dict[str, PlateInfo]
+    model_nesting: int = 0
+    """How many batch dims the model's plates take, observed sites' included."""
+
+    @property
+    def leaves(self) -> list[int]:
+        """The groups (indices) that no other group nests in."""
+        parents = {j for group in self.groups for j in group.parents}
+        return [i for i in range(len(self.groups)) if i not in parents]
 
     @property
     def global_dim(self) -> int:
@@ -326,4 +334,8 @@ def plate_structure(trace: Any) -> PlateStructure:
         _place(group.sites)
         names = {p.name for p in group.plates}
         group.parents = [j for j in range(i) if {p.name for p in groups[j].plates} < names]
-    return PlateStructure(global_sites, groups, plates)
+    nesting = max(
+        (-f.dim for site in trace.nodes.values() for f in site.get("cond_indep_stack", ())),
+        default=0,
+    )
+    return PlateStructure(global_sites, groups, plates, nesting)
