@@ -142,9 +142,9 @@ class AutoHierarchicalFlow(FullPlateDraws, AutoGuide):
     Agrawal & Domke (2021), amortized variational inference for simple hierarchical models.
     """
 
-    AFFINE_FROM: int = 1000
-    """Plate elements (all plates together) from which the globals' couplings are affine
-    unless ``coupling`` says otherwise."""
+    AFFINE_FROM: int = 50
+    """Plate elements (all plates) from which the globals' couplings are affine unless
+    ``coupling`` says otherwise (radon's 85 counties: ELBO -1063.3 affine, -1067.0 spline)."""
 
     def __init__(
         self,
