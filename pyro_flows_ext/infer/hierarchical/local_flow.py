@@ -86,6 +86,13 @@ class LocalFlow(nn.Module):
     ``element_lr_scale`` times the step size (the guide sets it to :math:`B / N` for a plate
     subsampled to ``B`` of ``N`` elements).
 
+    With the guide's Newton conditionals (:meth:`transforms` given ``newton``), that Gaussian
+    (:meth:`gaussian`) is where a Newton step on the model's conditional log density starts,
+    and the last layer is instead :math:`u_i = m_i + L_i^{-\\top}(t(c_i) + e^{C \\tanh(h(c_i)
+    / C)} \\odot f_K \\circ \\dots \\circ f_1(\\epsilon; c_i))` for the step's mean
+    :math:`m_i` and precision :math:`L_i L_i^\\top`
+    (:mod:`~pyro_flows_ext.infer.hierarchical.newton`).
+
     Example:
         >>> import torch
         >>> from pyro_flows_ext.infer.hierarchical.local_prior import LocalPrior
