@@ -10,6 +10,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide.initialization import init_to_median
 
 from pyro_flows_ext.infer import AutoHierarchicalFlow
 from pyro_flows_ext.infer.hierarchical.newton import MAX_STEP, PrecisionAffine, newton_gaussian
@@ -155,3 +156,29 @@ def test_precision_affine_maps_the_standard_normal_to_its_gaussian() -> None:
     z = torch.randn(7, 1, 2, generator=GEN, dtype=torch.float64)
     assert torch.allclose(t.inv(t(z)), z)
     assert torch.allclose(q.log_prob(t(z)), want.log_prob(t(z)))
+
+
+def test_scalar_locals_take_the_scalar_path_and_fall_back() -> None:
+    u0, grad = torch.zeros(3, 1), torch.tensor([[2.0], [1.0], [math.nan]])
+    prec = torch.tensor([4.0, -1.0, 1.0]).reshape(3, 1, 1)
+    loc, log_scale = torch.full((3, 1), 7.0), torch.full((3, 1), math.log(0.5))
+    mean, chol = newton_gaussian(u0, grad, prec, loc, log_scale)
+    assert mean.flatten().tolist() == [0.5, 7.0, 7.0] and chol.flatten().tolist() == [2.0, 2.0, 2.0]
+    t = PrecisionAffine(mean, chol)
+    x = torch.randn(5, 3, 1, generator=GEN)
+    assert torch.allclose(t(x), mean + x / 2) and torch.allclose(t.inv(t(x)), x)
+    assert torch.allclose(t.log_abs_det_jacobian(x, t(x)), torch.full((5, 3), -math.log(2.0)))
+
+
+def test_steps_do_not_call_init_loc_fn() -> None:
+    calls = []
+
+    def init(site):
+        calls.append(site["name"])
+        return init_to_median(site)
+
+    guide = AutoHierarchicalFlow(regression, init_loc_fn=init).initialize(X, Y)
+    before = len(calls)
+    Trace_ELBO(num_particles=2, vectorize_particles=True).loss(regression, guide, X, Y)
+    guide.median(X, Y)
+    assert len(calls) == before

@@ -183,6 +183,7 @@ class AutoHierarchicalFlow(FullPlateDraws, AutoGuide):
         self.newton = check_bool("newton", newton)
         self.stl = check_bool("stl", stl)
         self.structure: PlateStructure | None = None
+        self._plain_model = model  # conditioned runs: no init_loc_fn draws at every site
         super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
 
     def initialize(self, *args: Any, **kwargs: Any) -> AutoHierarchicalFlow:
@@ -228,7 +229,7 @@ class AutoHierarchicalFlow(FullPlateDraws, AutoGuide):
             )
         )  # fmt: skip
         priors = local_priors(
-            self.model, trace, s, g0, self.init_scale, args, kwargs, read=self.local_prior
+            self._plain_model, trace, s, g0, self.init_scale, args, kwargs, read=self.local_prior
         )
         self.local_flows = nn.ModuleList(
             self._local_flow(group, prior, widths)
@@ -288,20 +289,14 @@ class AutoHierarchicalFlow(FullPlateDraws, AutoGuide):
         return dist.TransformedDistribution(base, transforms)
 
     def _conditionals(
-        self,
-        g: Tensor,
-        blocks: dict[int, Tensor],
-        indices: dict[str, Tensor],
-        args: tuple,
-        kwargs: dict,
-        chunked: bool = False,
+        self, g: Tensor, blocks: dict[int, Tensor], indices: dict[str, Tensor], *run: Any
     ) -> dict[int, tuple[Tensor, Tensor]]:
-        """The Newton groups' Gaussians (:func:`group_conditionals`)."""
+        """The Newton groups' Gaussians; ``run``: the model's ``args, kwargs`` and whether
+        to read the full plates in chunks (:func:`group_conditionals`)."""
         assert self.structure is not None
         groups = {i: self.local_flows[i] for i in sorted(self._newton_groups)}
-        return group_conditionals(
-            self.model, self.structure, groups, g, blocks, indices, args, kwargs, chunked
-        )
+        model, s = self._plain_model, self.structure
+        return group_conditionals(model, s, groups, g, blocks, indices, *run)
 
     def _features(self, indices: dict[str, Tensor], args: tuple, kwargs: dict) -> dict[str, Tensor]:
         assert self.structure is not None
@@ -393,7 +388,7 @@ class AutoHierarchicalFlow(FullPlateDraws, AutoGuide):
         feats = self._features(indices, args, kwargs)
 
         def conditionals(g: Tensor, blocks: dict[int, Tensor]) -> dict[int, Any]:
-            return self._conditionals(g, blocks, indices, args, kwargs, chunked=True)
+            return self._conditionals(g, blocks, indices, args, kwargs, True)
 
         return self._walk(
             indices, feats, draw, lambda n, v, ld: v, lambda g: nullcontext(), conditionals

@@ -136,12 +136,18 @@ def newton_gaussian(
     finite = torch.isfinite(grad).all(-1) & torch.isfinite(prec).flatten(-2).all(-1)
     eye = torch.eye(f, dtype=prec.dtype, device=prec.device)
     safe = torch.where(finite[..., None, None], prec, eye)
-    _, info = torch.linalg.cholesky_ex(safe.detach())
-    good = (finite & (info == 0)).expand(batch)
+    if f == 1:  # scalars: no batched LAPACK calls on 1 x 1 matrices
+        good = (finite & (safe[..., 0, 0] > 0)).expand(batch)
+    else:
+        good = (finite & (torch.linalg.cholesky_ex(safe.detach())[1] == 0)).expand(batch)
     diag = torch.diag_embed((-2 * fallback_log_scale).exp().expand(batch + (f,)))
-    chol = torch.linalg.cholesky(torch.where(good[..., None, None], safe.expand(diag.shape), diag))
+    chosen = torch.where(good[..., None, None], safe.expand(diag.shape), diag)
     g = torch.where(good[..., None], grad.expand(batch + (f,)), torch.zeros_like(diag[..., 0]))
-    step = torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
+    if f == 1:
+        chol, step = chosen.sqrt(), g / chosen[..., 0]
+    else:
+        chol = torch.linalg.cholesky(chosen)
+        step = torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
     limit = MAX_STEP * fallback_log_scale.exp()
     step = torch.maximum(torch.minimum(step, limit), -limit)
     loc = torch.where(good[..., None], u0.expand(batch + (f,)), fallback_loc.expand(batch + (f,)))
@@ -170,6 +176,8 @@ class PrecisionAffine(Transform):
         self.loc, self.chol = loc, chol
 
     def _call(self, x: Tensor) -> Tensor:
+        if x.shape[-1] == 1:
+            return self.loc + x / self.chol[..., 0]
         upper = self.chol.transpose(-1, -2)
         batch = torch.broadcast_shapes(x.shape[:-1], upper.shape[:-2])
         f = x.shape[-1]
@@ -179,6 +187,8 @@ class PrecisionAffine(Transform):
         return self.loc + y.squeeze(-1)
 
     def _inverse(self, y: Tensor) -> Tensor:
+        if y.shape[-1] == 1:
+            return (y - self.loc) * self.chol[..., 0]
         return ((y - self.loc).unsqueeze(-2) @ self.chol).squeeze(-2)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
