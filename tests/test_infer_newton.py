@@ -182,3 +182,15 @@ def test_steps_do_not_call_init_loc_fn() -> None:
     Trace_ELBO(num_particles=2, vectorize_particles=True).loss(regression, guide, X, Y)
     guide.median(X, Y)
     assert len(calls) == before
+
+
+def test_sticking_the_landing_drops_only_the_score_of_the_conditionals() -> None:
+    # at the exact conditional the STL gradient of the locals' log q is zero in expectation;
+    # here: it runs through the Newton layer and reaches every parameter finitely
+    guide = AutoHierarchicalFlow(regression, stl=True).initialize(X, Y)
+    loss = Trace_ELBO(num_particles=2, vectorize_particles=True).differentiable_loss(
+        regression, guide, X, Y
+    )
+    loss.backward()
+    grads = [p.grad for p in guide.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -327,23 +327,23 @@ class AutoHierarchicalFlow(FullPlateDraws, AutoGuide):
         sizes = {n: len(i) for n, i in indices.items()}
         blocks: dict[int, Tensor] = {}
         gaussians: dict[int, tuple[Tensor, Tensor]] = {}
+        fixed: dict[int, tuple[Tensor, Tensor]] = {}  # at the detached context, for STL
         for i in sorted(range(len(s.groups)), key=lambda k: k in self._newton_groups):
             group = s.groups[i]
             parts = [centred] if s.global_dim else []
             parts += [blocks[j] for j in group.parents] + [feats[p.name] for p in group.plates]
-            if i in self._newton_groups and not gaussians:
+            if i in self._newton_groups and not gaussians:  # outside the plates: runs the model
                 gaussians = conditionals(g, blocks)
+                if self.stl:
+                    fixed = conditionals(g.detach(), {k: b.detach() for k, b in blocks.items()})
             with scope(group):
                 fresh = not s.global_dim and not group.parents  # no draw in its context yet
                 q = self._local_dist(i, parts, g, indices, gaussians.get(i))
+                at_fixed = fixed.get(i)
 
-                def score(
-                    i: int = i, c: list[Tensor] = parts, newton: bool = bool(gaussians)
-                ) -> Distribution:  # the density with its context detached
-                    fixed = {k: b.detach() for k, b in blocks.items()}
-                    again = conditionals(g.detach(), fixed)[i] if newton else None
-                    detached = [t.detach() for t in c]
-                    return self._local_dist(i, detached, g.detach(), indices, again)
+                def score(i: int = i, c: list[Tensor] = parts, n: Any = at_fixed) -> Any:
+                    detached = [t.detach() for t in c]  # the density with its context detached
+                    return self._local_dist(i, detached, g.detach(), indices, n)
 
                 u = draw(self._aux(group.name), q, fresh, score)
                 values = group.split(u, sizes)
