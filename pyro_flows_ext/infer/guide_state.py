@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import pyro
 import torch
@@ -229,6 +229,28 @@ class GuideStateMixin:
                 state[name] = self.__dict__[name]
         cast(Any, new).__setstate__(copy.deepcopy(state, memo))
         return new
+
+    def initialize(self, *args: Any, **kwargs: Any) -> Self:
+        """Run the model once with ``*args, **kwargs`` and build the guide, its start included
+        (only the first time), and read any values loaded into Pyro's param store since the
+        last call. Returns the guide."""
+        if cast(Any, self).prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        else:
+            sync_param_store(cast(PyroModule, self))
+        return self
+
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        """Build the guide for the model's arguments (:meth:`_build`), all or nothing: a
+        failure (an unsupported model, an interrupt during the start) leaves the guide unbuilt,
+        so the next call starts again. Values held in Pyro's param store under this guide's
+        name (``pyro.get_param_store().load(path)``) are then loaded."""
+        with all_or_nothing(cast(nn.Module, self)):
+            self._build(*args, **kwargs)
+            sync_param_store(cast(PyroModule, self))
+
+    def _build(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError
 
     def _require_model(self) -> None:
         if self.__dict__.get("_model") is None:

@@ -14,12 +14,12 @@ import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
-from pyro.infer.autoguide.utils import helpful_support_errors
 from torch import Tensor, nn
-from torch.distributions import Distribution, biject_to
+from torch.distributions import Distribution
 
 from pyro_flows_ext.checks import check_bool, hidden_sizes, positive_float, positive_int
-from pyro_flows_ext.infer.guide_state import GuideStateMixin, all_or_nothing, sync_param_store
+from pyro_flows_ext.infer.guide_state import GuideStateMixin
+from pyro_flows_ext.infer.hierarchical.full import Draw, FullPlateDraws
 from pyro_flows_ext.infer.hierarchical.local_flow import (
     LOCAL_CLAMP,
     LOCAL_HIDDEN,
@@ -28,8 +28,10 @@ from pyro_flows_ext.infer.hierarchical.local_flow import (
     check_encoders,
     encode,
     global_flow,
+    plate_features,
 )
 from pyro_flows_ext.infer.hierarchical.local_prior import LocalPrior, local_priors
+from pyro_flows_ext.infer.hierarchical.newton import group_conditionals
 from pyro_flows_ext.infer.hierarchical.plates import PlateGroup, PlateStructure, plate_structure
 from pyro_flows_ext.infer.stl import StickingTheLanding
 from pyro_flows_ext.infer.vector.steps import damped_network
@@ -38,12 +40,12 @@ from pyro_flows_ext.transforms import ElementwiseMap, LowerAffine, coupling_map
 
 __all__ = ["AutoHierarchicalFlow"]
 
-Draw = Callable[[str, Distribution, bool, Callable[[], Distribution] | None], Tensor]
 Emit = Callable[[str, Tensor, Tensor], Tensor]
 Scope = Callable[[PlateGroup], AbstractContextManager[Any]]
+Conditionals = Callable[[Tensor, dict[int, Tensor]], dict[int, tuple[Tensor, Tensor]]]
 
 
-class AutoHierarchicalFlow(GuideStateMixin, AutoGuide):
+class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
     """A flow guide for hierarchical models: a coupling flow over the global latents and, for
     every plate element, a conditional flow over its local latents given the globals' draw.
 
@@ -62,18 +64,24 @@ class AutoHierarchicalFlow(GuideStateMixin, AutoGuide):
     :math:`i` of an ``(N, embedding_dim)`` parameter) or, for a plate with an encoder, the
     element's encoded data, and the parents are the groups in a subset of its plates (nested
     plates). The networks are shared across elements; the per-element parameters (embeddings,
-    location and log-scale, ``embedding_dim + 2 F`` numbers per element) are indexed by the
-    plate's subsample, so under ``pyro.plate(name, N, subsample_size=B)`` a step computes and
-    differentiates only the ``B`` sampled elements (the log densities are scaled by ``N / B``
-    by the plate, as for ``AutoNormal``). Those per-element parameters learn at ``B / N`` of
-    the step size: an element is in a step's subsample with probability ``B / N``, and Adam's
-    momentum turns each visit into some thirty steps' worth of movement along that one noisy
-    gradient (zero gradients elsewhere still move a row), which at full rate drove the globals
-    of a 100,000-group funnel subsampled by 1,000 far off (``log tau`` 3 below the truth).
+    pseudo-likelihood, ``embedding_dim + 2 F`` numbers per element) are indexed by the plate's
+    subsample, so under ``pyro.plate(name, N, subsample_size=B)`` a step computes and
+    differentiates only the ``B`` sampled elements (the plate scales the log densities by
+    ``N / B``, as for ``AutoNormal``). They learn at ``B / N`` of the step size: Adam's
+    momentum turns each visit into some thirty steps of movement along one noisy gradient,
+    which at full rate drove the globals of a 100,000-group funnel subsampled by 1,000 far off.
 
-    A fresh guide is a Gaussian: the globals' around the ``init_loc_fn`` point, and each local
-    at its prior given the globals times its pseudo-likelihood start where that prior is a
-    location-scale family that depends on them (``local_prior``), else around its point.
+    Newton conditionals (``newton``, the default), for every group that no other group nests
+    in: after each draw of the globals (and enclosing groups), one run of the model at each
+    element's learned Gaussian :math:`u_i^0` gives the gradient and ``F x F`` Hessian of its
+    conditional log density, and one Newton step the Gaussian :math:`\\mathcal N(m_i,
+    P_i^{-1})` (:mod:`~pyro_flows_ext.infer.hierarchical.newton`): the exact conditional for
+    normal priors and likelihoods, correlated across the element's sites and moving with
+    every global (radon's county intercept and slope with :math:`\\sigma_y`), the Laplace
+    approximation otherwise. The network and couplings act in its whitened space. A fresh
+    guide is a Gaussian around the ``init_loc_fn`` point in the globals, each local at its
+    Newton Gaussian (or, for ``newton=False`` and groups with children, at its prior given the
+    globals times its pseudo-likelihood start, see ``local_prior``).
     Its parameters and buffers (embeddings, prior coefficients) live in Pyro's param store
     under the guide's name: after ``pyro.get_param_store().load(path)`` a new guide's first
     call (or a built guide's next one) takes the saved values.
@@ -102,20 +110,18 @@ class AutoHierarchicalFlow(GuideStateMixin, AutoGuide):
         encoders: per-plate feature functions (see above).
         coupling: the globals' coupling kind (a name of
             :data:`~pyro_flows_ext.transforms.COUPLINGS` or a ready map; affine ones get the
-            guide's ``clamp``); by default
-            (``None``) splines when the model's plates hold fewer than
-            :attr:`AFFINE_FROM` elements in all, else affine. Splines bend the globals'
-            marginals, which a few groups need (a funnel's skewed ``log tau``: on the 8-group
-            funnel the largest mean error was 0.05 sd with splines, 1.2 with affine
-            couplings); with many groups the globals' posterior is close to Gaussian, and the
-            splines' outer bins, which hold little mass, drift and fatten the tails (on the
-            10,000-group funnel the sd of ``mu`` wandered between 1x and 4x the exact one late
-            in training, where affine couplings held it within 3%).
+            guide's ``clamp``); by default (``None``) splines when the model's plates hold
+            fewer than :attr:`AFFINE_FROM` elements in all, else affine. Splines bend the
+            globals' marginals, which a few groups need (8-group funnel: 0.05 sd with splines,
+            1.2 affine); with more groups their outer bins drift and fatten the tails (radon's
+            85 counties, the 10,000-group funnel).
         init_loc_fn: initial values (:mod:`pyro.infer.autoguide.initialization`): the
             globals' flow starts around them, each element's pseudo-likelihood at one Newton
             step from them (:mod:`~pyro_flows_ext.infer.hierarchical.local_prior`).
         init_scale: initial standard deviation of every latent (unconstrained) that does not
             start at its prior.
+        newton: the Newton conditionals above (one more model run and ``F`` Hessian-vector
+            products per step).
         local_prior: use the model's prior of each local given the globals where it is a
             location-scale family that depends on them (``theta ~ Normal(mu, tau)``): the
             local flow is then that prior times a learned Gaussian pseudo-likelihood per
@@ -144,12 +150,9 @@ class AutoHierarchicalFlow(GuideStateMixin, AutoGuide):
     Agrawal & Domke (2021), amortized variational inference for simple hierarchical models.
     """
 
-    num_quantile_samples: int = 1000
-    """Draws behind :meth:`quantiles` (Monte Carlo over the full plates)."""
-
-    AFFINE_FROM: int = 1000
-    """Plate elements (all plates together) from which the globals' couplings are affine
-    unless ``coupling`` says otherwise."""
+    AFFINE_FROM: int = 50
+    """Plate elements (all plates) from which the globals' couplings are affine unless
+    ``coupling`` says otherwise (radon's 85 counties: ELBO -1063.3 affine, -1067.0 spline)."""
 
     def __init__(
         self,
@@ -167,6 +170,7 @@ class AutoHierarchicalFlow(GuideStateMixin, AutoGuide):
         clamp: float = LOCAL_CLAMP,
         lr_scale: float = LR_SCALE,
         local_prior: bool = True,
+        newton: bool = True,
         stl: bool = False,
         create_plates: Callable[..., Any] | None = None,
     ) -> None:
@@ -184,44 +188,22 @@ class AutoHierarchicalFlow(GuideStateMixin, AutoGuide):
         self.init_scale = positive_float("init_scale", init_scale)
         self.lr_scale = positive_float("lr_scale", lr_scale)
         self.local_prior = check_bool("local_prior", local_prior)
+        self.newton = check_bool("newton", newton)
         self.stl = check_bool("stl", stl)
         self.structure: PlateStructure | None = None
+        self._plain_model = model  # conditioned runs: no init_loc_fn draws at every site
         super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
-
-    # ---------------------------------------------------------------- setup -------------
-    def initialize(self, *args: Any, **kwargs: Any) -> AutoHierarchicalFlow:
-        """Run the model once and build the flows (only the first time), and read any values
-        loaded into Pyro's param store since the last call. Returns the guide."""
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        else:
-            sync_param_store(self)
-        return self
-
-    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
-        """Build the flows, all or nothing (a failure leaves the guide unbuilt, so the next
-        call starts again), then load the values Pyro's param store holds for this guide."""
-        with all_or_nothing(self):
-            self._build(*args, **kwargs)
-            sync_param_store(self)
 
     def _build(self, *args: Any, **kwargs: Any) -> None:
         self._require_model()
         try:
-            super()._setup_prototype(*args, **kwargs)
+            AutoGuide._setup_prototype(self, *args, **kwargs)  # Pyro's prototype trace
         except NotImplementedError:
             plate_structure(self.prototype_trace)  # raises a ValueError naming the site
             raise
-        trace = self.prototype_trace
-        assert trace is not None
-        sites = list(trace.iter_stochastic_nodes())
-        if not sites:
-            raise RuntimeError(f"{type(self).__name__} needs at least one latent sample site")
-        for _, site in sites:  # Pyro's errors for supports with no bijection (a sphere)
-            if not site["fn"].support.is_discrete:  # plate_structure names those
-                with helpful_support_errors(site):
-                    biject_to(site["fn"].support)
+        trace = cast(Any, self.prototype_trace)
         s = self.structure = plate_structure(trace)
+        sites = list(trace.iter_stochastic_nodes())
         like = sites[0][1]["value"]
         unknown = sorted(set(self.encoders) - set(s.plates))
         if unknown:
@@ -248,12 +230,14 @@ class AutoHierarchicalFlow(GuideStateMixin, AutoGuide):
             )
         )  # fmt: skip
         priors = local_priors(
-            self.model, trace, s, g0, self.init_scale, args, kwargs, read=self.local_prior
+            self._plain_model, trace, s, g0, self.init_scale, args, kwargs, read=self.local_prior
         )
         self.local_flows = nn.ModuleList(
             self._local_flow(group, prior, widths)
             for group, prior in zip(s.groups, priors, strict=True)
         )
+        self._newton_groups = frozenset(s.leaves if self.newton else ())
+        self._model_nesting = s.model_nesting
         self.register_buffer("_anchor", like.new_zeros(()).detach())
         self.to(dtype=like.dtype, device=like.device)
 
@@ -281,7 +265,6 @@ class AutoHierarchicalFlow(GuideStateMixin, AutoGuide):
             element_rate=math.prod(p.rate for p in group.plates),
         )  # fmt: skip
 
-    # ---------------------------------------------------------------- the flows ---------
     def _aux(self, block: str) -> str:
         return f"_{self._pyro_name}_{block}"
 
@@ -290,28 +273,38 @@ class AutoHierarchicalFlow(GuideStateMixin, AutoGuide):
         return dist.TransformedDistribution(base, list(self.global_flow))
 
     def _local_dist(
-        self, i: int, parts: list[Tensor], g: Tensor, indices: dict[str, Tensor]
+        self,
+        i: int,
+        parts: list[Tensor],
+        g: Tensor,
+        indices: dict[str, Tensor],
+        newton: tuple[Tensor, Tensor] | None,
     ) -> Distribution:
         assert self.structure is not None
         group, flow = self.structure.groups[i], cast(LocalFlow, self.local_flows[i])
         params = flow.element_params(group.plates, indices)
-        batch = torch.broadcast_shapes(*(t.shape[:-1] for t in parts), params[0].shape[:-1])
+        shapes = [t.shape[:-1] for t in parts] + [params[0].shape[:-1]]
+        if newton is not None:
+            shapes.append(newton[0].shape[:-1])
+        batch = torch.broadcast_shapes(*shapes)
         base = dist.Normal(self._anchor, 1.0).expand(batch + (group.dim,)).to_event(1)
-        transforms = flow.transforms(parts, g, *params)
+        transforms = flow.transforms(parts, g, *params, newton=newton)
         return dist.TransformedDistribution(base, transforms)
 
-    def _features(self, indices: dict[str, Tensor], args: tuple, kwargs: dict) -> dict[str, Tensor]:
-        """Each plate's per-element features at ``indices``, placed at the plate's dim."""
+    def _conditionals(
+        self, g: Tensor, blocks: dict[int, Tensor], indices: dict[str, Tensor], *run: Any
+    ) -> dict[int, tuple[Tensor, Tensor]]:
+        """The Newton groups' Gaussians; ``run``: the model's ``args, kwargs`` and whether
+        to read the full plates in chunks (:func:`group_conditionals`)."""
         assert self.structure is not None
-        out = {}
-        for name, plate in self.structure.plates.items():
-            if name in self.encoders:
-                table, scale = encode(self.encoders[name], name, plate.size, args, kwargs), 1.0
-            else:
-                table, scale = self.embeddings[name], plate.rate
-            rows = table.to(self._anchor).index_select(0, indices[name].to(table.device)) * scale
-            out[name] = rows.reshape((len(rows),) + (1,) * (-plate.dim - 1) + rows.shape[-1:])
-        return out
+        groups = {i: self.local_flows[i] for i in sorted(self._newton_groups)}
+        model, s = self._plain_model, self.structure
+        return group_conditionals(model, s, groups, g, blocks, indices, *run)
+
+    def _features(self, indices: dict[str, Tensor], args: tuple, kwargs: dict) -> dict[str, Tensor]:
+        assert self.structure is not None
+        tables = (self.structure.plates, self.encoders, self.embeddings)
+        return plate_features(*tables, self._anchor, indices, args, kwargs)
 
     def _walk(
         self,
@@ -320,10 +313,12 @@ class AutoHierarchicalFlow(GuideStateMixin, AutoGuide):
         draw: Draw,
         emit: Emit,
         scope: Scope,
+        conditionals: Conditionals,
     ) -> dict[str, Tensor]:
-        """Draw the globals, then each group given the globals and its parents; ``draw``
-        samples a block (told whether it is the first draw of its chain), ``emit`` turns a
-        site's value into the result, ``scope`` enters a group's plates."""
+        """Draw the globals, then each group given the globals and its parents (the Newton
+        groups last, from ``conditionals(g, blocks)``); ``draw`` samples a block (told
+        whether it is the first draw of its chain), ``emit`` turns a site's value into the
+        result, ``scope`` enters a group's plates."""
         s = self.structure
         assert s is not None
         result: dict[str, Tensor] = {}
@@ -333,24 +328,32 @@ class AutoHierarchicalFlow(GuideStateMixin, AutoGuide):
             result.update({n: emit(n, v, ld) for n, (v, ld) in s.split_globals(g).items()})
             centred = g - cast(LowerAffine, self.global_flow[-1]).loc.detach()
         sizes = {n: len(i) for n, i in indices.items()}
-        blocks: list[Tensor] = []
-        for i, group in enumerate(s.groups):
+        blocks: dict[int, Tensor] = {}
+        gaussians: dict[int, tuple[Tensor, Tensor]] = {}
+        fixed: dict[int, tuple[Tensor, Tensor]] = {}  # at the detached context, for STL
+        for i in sorted(range(len(s.groups)), key=lambda k: k in self._newton_groups):
+            group = s.groups[i]
             parts = [centred] if s.global_dim else []
             parts += [blocks[j] for j in group.parents] + [feats[p.name] for p in group.plates]
+            if i in self._newton_groups and not gaussians:  # outside the plates: runs the model
+                gaussians = conditionals(g, blocks)
+                if self.stl:
+                    fixed = conditionals(g.detach(), {k: b.detach() for k, b in blocks.items()})
             with scope(group):
                 fresh = not s.global_dim and not group.parents  # no draw in its context yet
-                q = self._local_dist(i, parts, g, indices)
+                q = self._local_dist(i, parts, g, indices, gaussians.get(i))
+                at_fixed = fixed.get(i)
 
-                def score(i: int = i, c: list[Tensor] = parts) -> Distribution:
-                    return self._local_dist(i, [t.detach() for t in c], g.detach(), indices)
+                def score(i: int = i, c: list[Tensor] = parts, n: Any = at_fixed) -> Any:
+                    detached = [t.detach() for t in c]  # the density with its context detached
+                    return self._local_dist(i, detached, g.detach(), indices, n)
 
                 u = draw(self._aux(group.name), q, fresh, score)
                 values = group.split(u, sizes)
                 result.update({n: emit(n, v, ld) for n, (v, ld) in values.items()})
-            blocks.append(u)
+            blocks[i] = u
         return result
 
-    # ---------------------------------------------------------------- the guide ---------
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Sample every latent site (in the constrained space) for the model's arguments."""
         self.initialize(*args, **kwargs)
@@ -374,7 +377,10 @@ class AutoHierarchicalFlow(GuideStateMixin, AutoGuide):
                 stack.enter_context(plates[p.name])
             return stack
 
-        return self._walk(indices, feats, draw, emit, scope)
+        def conditionals(g: Tensor, blocks: dict[int, Tensor]) -> dict[int, Any]:
+            return self._conditionals(g, blocks, indices, args, kwargs)
+
+        return self._walk(indices, feats, draw, emit, scope, conditionals)
 
     def _full(self, draw: Draw, args: tuple, kwargs: dict) -> dict[str, Tensor]:
         """Run the flows over the full plates (no Pyro sites), values as ``draw`` gives."""
@@ -383,74 +389,10 @@ class AutoHierarchicalFlow(GuideStateMixin, AutoGuide):
         device = self._anchor.device
         indices = {n: torch.arange(p.size, device=device) for n, p in self.structure.plates.items()}
         feats = self._features(indices, args, kwargs)
-        return self._walk(indices, feats, draw, lambda n, v, ld: v, lambda g: nullcontext())
 
-    @torch.no_grad()
-    def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        """The image of the base median (zero) through the flows, for every element of the
-        full plates: ``name -> value`` in the constrained space. For the Gaussian the guide
-        starts at it is the median; for a trained flow a central point (see
-        :meth:`quantiles`)."""
+        def conditionals(g: Tensor, blocks: dict[int, Tensor]) -> dict[int, Any]:
+            return self._conditionals(g, blocks, indices, args, kwargs, True)
 
-        def draw(name: str, d: Distribution, fresh: bool, score: Any) -> Tensor:
-            z = d.base_dist.mean  # type: ignore[attr-defined]
-            for t in d.transforms:  # type: ignore[attr-defined]
-                z = t(z)
-            return z
-
-        values = self._full(draw, args, kwargs)
-        assert self.structure is not None
-        return {n: v.reshape(self.structure.full_shape(n)) for n, v in values.items()}
-
-    @torch.no_grad()
-    def sample_full(self, num_samples: int, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        """``num_samples`` joint draws over the full plates (no subsampling):
-        ``name -> (num_samples, *shape)`` in the constrained space. Memory grows as
-        ``num_samples`` times the total size of the latents.
-
-        Example:
-            >>> import pyro, pyro.distributions as dist
-            >>> def model():
-            ...     with pyro.plate("g", 3):
-            ...         pyro.sample("x", dist.Normal(0.0, 1.0))
-            >>> AutoHierarchicalFlow(model).sample_full(4)["x"].shape
-            torch.Size([4, 3])
-        """
-        num = positive_int("num_samples", num_samples)
-        self.initialize(*args, **kwargs)
-        assert self.structure is not None
-
-        nesting = max((g.nesting for g in self.structure.groups), default=0)
-
-        def draw(name: str, d: Distribution, fresh: bool, score: Any) -> Tensor:
-            pad = (1,) * (nesting - len(d.batch_shape))  # the sample dim left of every plate
-            return d.sample((num, *pad) if fresh else ())
-
-        values = self._full(draw, args, kwargs)
-        return {n: v.reshape((num, *self.structure.full_shape(n))) for n, v in values.items()}
-
-    @torch.no_grad()
-    def quantiles(
-        self, quantiles: Sequence[float] | Tensor, *args: Any, **kwargs: Any
-    ) -> dict[str, Tensor]:
-        """Marginal quantiles of every latent over the full plates, elementwise in the
-        constrained space, from :attr:`num_quantile_samples` draws of :meth:`sample_full`:
-        ``name -> (len(quantiles), *shape)``.
-
-        Example:
-            >>> import pyro, pyro.distributions as dist
-            >>> def model():
-            ...     pyro.sample("s", dist.LogNormal(0.0, 1.0))
-            >>> AutoHierarchicalFlow(model).quantiles([0.25, 0.75])["s"].shape
-            torch.Size([2])
-        """
-        self.initialize(*args, **kwargs)
-        q = torch.as_tensor(quantiles, dtype=self._anchor.dtype, device=self._anchor.device)
-        if q.dim() != 1 or not ((q >= 0) & (q <= 1)).all():
-            raise ValueError(f"quantiles must be a 1-d sequence in [0, 1], got {quantiles!r}")
-        draws = self.sample_full(self.num_quantile_samples, *args, **kwargs)
-        out = {}
-        for name, value in draws.items():
-            flat = value.reshape(value.shape[0], -1)
-            out[name] = torch.quantile(flat, q, dim=0).reshape(q.shape + value.shape[1:])
-        return out
+        return self._walk(
+            indices, feats, draw, lambda n, v, ld: v, lambda g: nullcontext(), conditionals
+        )

@@ -14,6 +14,7 @@ from torch.distributions.transforms import AffineTransform
 
 from pyro_flows_ext.checks import positive_float, positive_int
 from pyro_flows_ext.infer.hierarchical.local_prior import LocalPrior
+from pyro_flows_ext.infer.hierarchical.newton import PrecisionAffine
 from pyro_flows_ext.infer.hierarchical.plates import PlateInfo
 from pyro_flows_ext.infer.stl import StickingTheLanding
 from pyro_flows_ext.infer.vector.steps import coupling_steps, damped_network
@@ -38,6 +39,7 @@ __all__ = [
     "check_encoders",
     "encode",
     "global_flow",
+    "plate_features",
 ]
 
 LOCAL_HIDDEN = (16,)
@@ -90,6 +92,13 @@ class LocalFlow(nn.Module):
     groups), starting at ``prior``'s pseudo-likelihood start and learning at
     ``element_rate`` times the step size (the guide sets it to :math:`B / N` for a plate
     subsampled to ``B`` of ``N`` elements).
+
+    With the guide's Newton conditionals (:meth:`transforms` given ``newton``), that Gaussian
+    (:meth:`gaussian`) is where a Newton step on the model's conditional log density starts,
+    and the last layer is instead :math:`u_i = m_i + L_i^{-\\top}(t(c_i) + e^{C \\tanh(h(c_i)
+    / C)} \\odot f_K \\circ \\dots \\circ f_1(\\epsilon; c_i))` for the step's mean
+    :math:`m_i` and precision :math:`L_i L_i^\\top`
+    (:mod:`~pyro_flows_ext.infer.hierarchical.newton`).
 
     Example:
         >>> import torch
@@ -186,16 +195,42 @@ class LocalFlow(nn.Module):
         self,
         parts: Sequence[Tensor],
         g: Tensor,
+        *params: Tensor,
+        newton: tuple[Tensor, Tensor] | None = None,
+    ) -> list[Transform]:
+        """Base-to-latent transforms for the context given as ``parts`` (``(*batch_k, C_k)``
+        that broadcast, concatenated in order: see :func:`cat_features`) and the globals'
+        draw ``g`` ``(*batch, D)``, with :meth:`element_params`. With ``newton`` (the mean and
+        the precision's Cholesky factor of each element's Newton-step Gaussian, see
+        :mod:`~pyro_flows_ext.infer.hierarchical.newton`) the last layer maps to that Gaussian
+        and the network's shift and scale act in its whitened space; without, to
+        :meth:`gaussian`."""
+        shift, h = self.net.forward_parts(parts).chunk(2, dim=-1)
+        squash = self.clamp * torch.tanh(h / self.clamp)
+        couplings: list[Transform] = []
+        if len(self.couplings):
+            context = cat_features(parts)
+            couplings = [condition_all(cast(Transform, t), context) for t in self.couplings]
+        if newton is None:
+            loc, log_scale = self.gaussian(g, *params)
+            return [
+                *couplings,
+                AffineTransform(loc + shift, (log_scale + squash).exp(), event_dim=1),
+            ]
+        whitened = AffineTransform(shift, squash.exp(), event_dim=1)
+        return [*couplings, whitened, PrecisionAffine(*newton)]
+
+    def gaussian(
+        self,
+        g: Tensor,
         pseudo_loc: Tensor,
         pseudo_log_prec: Tensor,
         prior_loc: Tensor,
         prior_log_scale: Tensor,
         prior_coef: Tensor,
-    ) -> list[Transform]:
-        """Base-to-latent transforms for the context given as ``parts`` (``(*batch_k, C_k)``
-        that broadcast, concatenated in order: see :func:`cat_features`) and the globals'
-        draw ``g`` ``(*batch, D)``, with :meth:`element_params`."""
-        shift, h = self.net.forward_parts(parts).chunk(2, dim=-1)
+    ) -> tuple[Tensor, Tensor]:
+        """The location and log-scale ``(*batch, F)`` of the prior at ``g`` times the learned
+        pseudo-likelihood, featurewise (class docstring), with :meth:`element_params`."""
         loc, log_scale = pseudo_loc, -0.5 * pseudo_log_prec
         if g.shape[-1] and self.has_prior:
             f = self.features
@@ -205,12 +240,7 @@ class LocalFlow(nn.Module):
             weight = torch.sigmoid(log_prior - pseudo_log_prec)
             loc = pseudo_loc + weight * (prior_loc + linear[..., :f] - pseudo_loc)
             log_scale = -0.5 * torch.logaddexp(log_prior, pseudo_log_prec)
-        scale = (log_scale + self.clamp * torch.tanh(h / self.clamp)).exp()
-        couplings: list[Transform] = []
-        if len(self.couplings):
-            context = cat_features(parts)
-            couplings = [condition_all(cast(Transform, t), context) for t in self.couplings]
-        return [*couplings, AffineTransform(loc + shift, scale, event_dim=1)]
+        return loc, log_scale
 
 
 def global_flow(
@@ -277,6 +307,29 @@ def encode(fn: Callable[..., Tensor], name: str, size: int, args: tuple, kwargs:
         raise ValueError(
             f"the encoder of plate {name!r} must return a tensor (N={size}, features), got {got}"
         )
+    return out
+
+
+def plate_features(
+    plates: dict[str, PlateInfo],
+    encoders: dict[str, Callable[..., Tensor]],
+    embeddings: nn.ParameterDict,
+    like: Tensor,
+    indices: dict[str, Tensor],
+    args: tuple,
+    kwargs: dict,
+) -> dict[str, Tensor]:
+    """Each plate's per-element features at ``indices`` (its encoder's rows, or its learned
+    embedding's, read at the plate's rate ``B / N``), placed at the plate's dim, in
+    ``like``'s dtype and device."""
+    out = {}
+    for name, plate in plates.items():
+        if name in encoders:
+            table, scale = encode(encoders[name], name, plate.size, args, kwargs), 1.0
+        else:
+            table, scale = embeddings[name], plate.rate
+        rows = table.to(like).index_select(0, indices[name].to(table.device)) * scale
+        out[name] = rows.reshape((len(rows),) + (1,) * (-plate.dim - 1) + rows.shape[-1:])
     return out
 
 

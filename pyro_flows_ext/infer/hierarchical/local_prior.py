@@ -26,18 +26,22 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from torch import Tensor
 from torch.distributions import Distribution, Independent
 
-from pyro_flows_ext.infer.hierarchical.plates import PlateGroup, PlateStructure
+from pyro_flows_ext.infer.hierarchical.newton import (
+    gradient_and_precision,
+    model_run,
+    unscaled_log_prob,
+)
+from pyro_flows_ext.infer.hierarchical.plates import PlateGroup, PlateStructure, index_chunks
 
 __all__ = ["LocalPrior", "local_priors"]
 
@@ -106,42 +110,6 @@ def _jacobian(out: Tensor, x: Tensor) -> Tensor:
     return torch.stack(cols, dim=-1)
 
 
-def _unscaled_log_prob(site: Any) -> Tensor:
-    """A site's log density summed, without the subsampled plates' ``N / B`` factor."""
-    lp = site["fn"].log_prob(site["value"])
-    if site["mask"] is not None:
-        lp = lp * site["mask"]
-    plate_scale = math.prod(
-        f.full_size / f.size for f in site["cond_indep_stack"] if f.full_size is not None
-    )
-    return (lp * (site["scale"] / plate_scale)).sum()
-
-
-def _chunks(group_plates: Sequence[Any]) -> list[list[Tensor]]:
-    """Each plate's index chunks: the whole plate, or its subsample size at a time (the last
-    chunk filled up from the start)."""
-    out = []
-    for p in group_plates:
-        if p.subsample_size == p.size:
-            out.append([torch.arange(p.size)])
-            continue
-        ids = torch.arange(math.ceil(p.size / p.subsample_size) * p.subsample_size) % p.size
-        out.append(list(ids.split(p.subsample_size)))
-    return out
-
-
-def _grid_index(group: PlateGroup, idx: dict[str, Tensor]) -> tuple[Tensor, ...]:
-    """Advanced indices of ``idx``'s elements in a full ``(*grid, ...)`` tensor."""
-    n = group.nesting
-    at = {p.dim: idx[p.name] for p in group.plates}
-    device = next(iter(at.values())).device
-    out = []
-    for j in range(n):
-        ids = at.get(j - n, torch.zeros(1, dtype=torch.long, device=device))
-        out.append(ids.reshape([-1 if k == j else 1 for k in range(n)]))
-    return tuple(out)
-
-
 def local_priors(
     model: Callable[..., Any],
     trace: Any,
@@ -161,7 +129,7 @@ def local_priors(
     groups = structure.groups
     out = [_point_start(group, u, g0, init_scale) for group, u in zip(groups, inits, strict=True)]
     plates = list(structure.plates.values())
-    chunks = _chunks(plates)
+    chunks = index_chunks(plates)
     if not read or math.prod(len(c) for c in chunks) > MAX_RUNS:
         return out
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
@@ -196,21 +164,13 @@ def _read_chunk(
 ) -> None:
     """One run at the elements ``idx`` (plate name -> indices); fills ``out`` there."""
     g = g0.detach().clone().requires_grad_(True)
-    data: dict[str, Tensor] = {n: v for n, (v, _) in structure.split_globals(g).items()}
-    data.update(idx)  # the plates' subsample sites
-    sizes = {n: len(i) for n, i in idx.items()}
-    us, log_dets = [], []
+    us = []
     for group, init in zip(structure.groups, inits, strict=True):
-        where = _grid_index(group, idx)
-        u = init[where].detach().requires_grad_(True)
-        values = group.split(u, sizes)
-        data.update({n: v for n, (v, _) in values.items()})
-        us.append((u, where))
-        log_dets.append({n: ld.sum() for n, (_, ld) in values.items()})
-    traced = poutine.trace(poutine.condition(model, data=data))
-    run = poutine.block(traced.get_trace)(*args, **kwargs)
+        where = group.grid_index(idx)
+        us.append((init[where].detach().requires_grad_(True), where))
+    run, log_dets = model_run(model, structure, g, [u for u, _ in us], idx, args, kwargs)
     log_probs = {
-        n: _unscaled_log_prob(site)
+        n: unscaled_log_prob(site)
         for n, site in run.nodes.items()
         if site["type"] == "sample" and n not in idx
     }
@@ -253,19 +213,10 @@ def _newton(u: Tensor, rest: Tensor, where: tuple[Tensor, ...], start: LocalPrio
     """The pseudo-likelihood start from the gradient and diagonal curvature of ``rest`` (the
     log joint less the group's priors) in ``u`` (the elements are independent given the rest,
     so one Hessian-vector product per feature gives the diagonal)."""
-    if not rest.requires_grad:
+    found = gradient_and_precision(rest, u, create_graph=False, diagonal=True)
+    if found is None:
         return
-    (grad,) = torch.autograd.grad(rest, u, create_graph=True, allow_unused=True)
-    if grad is None or not grad.requires_grad:
-        return
-    curv = torch.zeros_like(u)
-    for k in range(u.shape[-1]):
-        e = torch.zeros_like(u)
-        e[..., k] = 1.0
-        (hv,) = torch.autograd.grad(grad, u, e, retain_graph=True, allow_unused=True)
-        if hv is not None:
-            curv[..., k] = -hv[..., k]
-    grad, curv = grad.detach(), curv.detach()
+    grad, curv = found
     prior_log_prec = -2 * start.log_scale[where]
     floor = torch.where(start.mask, prior_log_prec + MIN_LOG_PREC, start.pseudo_log_prec[where])
     good = torch.isfinite(curv) & (curv > 0) & torch.isfinite(grad)

@@ -19,12 +19,20 @@ from typing import Any
 
 import torch
 from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide.utils import helpful_support_errors
 from pyro.ops.tensor_utils import periodic_repeat
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import Transform, biject_to
 
-__all__ = ["PlateGroup", "PlateInfo", "PlateStructure", "SiteLayout", "plate_structure"]
+__all__ = [
+    "PlateGroup",
+    "PlateInfo",
+    "PlateStructure",
+    "SiteLayout",
+    "index_chunks",
+    "plate_structure",
+]
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,18 @@ class PlateGroup:
                 values = periodic_repeat(values, p.size, p.dim - 1)
         return values
 
+    def grid_index(self, idx: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        """Advanced indices of the elements ``idx`` (plate name -> indices) in a tensor
+        ``(*lead, *grid, ...)`` over the full plates (index it as ``t[(..., *ix, slice)]``)."""
+        n = self.nesting
+        at = {p.dim: idx[p.name] for p in self.plates}
+        device = next(iter(at.values())).device
+        out = []
+        for j in range(n):
+            ids = at.get(j - n, torch.zeros(1, dtype=torch.long, device=device))
+            out.append(ids.reshape([-1 if k == j else 1 for k in range(n)]))
+        return tuple(out)
+
     def split(self, u: Tensor, sizes: dict[str, int]) -> dict[str, tuple[Tensor, Tensor]]:
         """``name -> (value, log_density)`` for every site from the group's values
         ``(*lead, *grid, F)``; without ``lead`` each value has the site's own batch shape."""
@@ -153,6 +173,14 @@ class PlateStructure:
     global_sites: list[SiteLayout]
     groups: list[PlateGroup]
     plates: dict[str, PlateInfo]
+    model_nesting: int = 0
+    """How many batch dims the model's plates take, observed sites' included."""
+
+    @property
+    def leaves(self) -> list[int]:
+        """The groups (indices) that no other group nests in."""
+        parents = {j for group in self.groups for j in group.parents}
+        return [i for i in range(len(self.groups)) if i not in parents]
 
     @property
     def global_dim(self) -> int:
@@ -202,6 +230,24 @@ class PlateStructure:
         return next(s.shape for s in self.global_sites if s.name == name)
 
 
+def index_chunks(plates: Sequence[PlateInfo]) -> list[list[Tensor]]:
+    """Each plate's index chunks: the whole plate, or its subsample size at a time (the last
+    chunk filled up from the start), for reading a subsampling model over its full plates.
+
+    Example:
+        >>> [c.tolist() for c in index_chunks([PlateInfo("g", -1, 5, 2)])[0]]
+        [[0, 1], [2, 3], [4, 0]]
+    """
+    out = []
+    for p in plates:
+        if p.subsample_size == p.size:
+            out.append([torch.arange(p.size)])
+            continue
+        ids = torch.arange(math.ceil(p.size / p.subsample_size) * p.subsample_size) % p.size
+        out.append(list(ids.split(p.subsample_size)))
+    return out
+
+
 def _plates_of(name: str, site: dict[str, Any]) -> tuple[PlateInfo, ...]:
     plates = []
     for frame in site["cond_indep_stack"]:
@@ -223,7 +269,8 @@ def _layout(name: str, site: dict[str, Any], plates: Sequence[PlateInfo]) -> Sit
             f"site {name!r} is a discrete latent ({type(fn).__name__}); hierarchical flow "
             f"guides need continuous latents: enumerate it out or hide it with poutine.block"
         )
-    transform = biject_to(fn.support)
+    with helpful_support_errors(site):  # Pyro's errors for a support with no bijection
+        transform = biject_to(fn.support)
     u = transform.inv(value.detach())
     u_event_dim = fn.event_dim + u.dim() - value.dim()
     batch = u.shape[: u.dim() - u_event_dim]
@@ -254,7 +301,9 @@ def plate_structure(trace: Any) -> PlateStructure:
     """Read the :class:`PlateStructure` of a model from its prototype trace.
 
     Raises ``ValueError`` naming the site for what a hierarchical guide cannot handle: a
-    discrete latent, a sequential plate, a batch dim of a local site not declared by a plate.
+    discrete latent, a sequential plate, a batch dim of a local site not declared by a plate,
+    a support with no bijection (a sphere: Pyro's advice); ``RuntimeError`` for a model with
+    no latent, as Pyro's autoguides do.
 
     Example:
         >>> import torch, pyro, pyro.distributions as dist
@@ -267,6 +316,8 @@ def plate_structure(trace: Any) -> PlateStructure:
         >>> s.global_dim, [(g.name, g.dim) for g in s.groups]
         (1, [('groups', 1)])
     """
+    if not any(True for _ in trace.iter_stochastic_nodes()):
+        raise RuntimeError("a hierarchical flow guide needs at least one latent sample site")
     global_sites: list[SiteLayout] = []
     by_plates: dict[tuple[str, ...], PlateGroup] = {}
     plates: dict[str, PlateInfo] = {}
@@ -289,4 +340,8 @@ def plate_structure(trace: Any) -> PlateStructure:
         _place(group.sites)
         names = {p.name for p in group.plates}
         group.parents = [j for j in range(i) if {p.name for p in groups[j].plates} < names]
-    return PlateStructure(global_sites, groups, plates)
+    nesting = max(
+        (-f.dim for site in trace.nodes.values() for f in site.get("cond_indep_stack", ())),
+        default=0,
+    )
+    return PlateStructure(global_sites, groups, plates, nesting)

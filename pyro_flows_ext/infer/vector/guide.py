@@ -17,7 +17,6 @@ from torch.distributions.transforms import ComposeTransform
 from pyro_flows_ext.checks import check_bool, hidden_sizes, one_of, positive_float, positive_int
 from pyro_flows_ext.infer.guide_state import (
     GuideStateMixin,
-    all_or_nothing,
     stored_under,
     sync_param_store,
 )
@@ -243,27 +242,11 @@ class AutoCouplingFlow(GuideStateMixin, FlowSummaries, AutoContinuous):
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     # ---------------------------------------------------------------- setup -------------
-    def initialize(self, *args: Any, **kwargs: Any) -> AutoCouplingFlow:
-        """Run the model once with ``*args, **kwargs``, build the flow and initialise it (the
-        Laplace approximation included); a no-op if done already. Returns the guide."""
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        return self
-
-    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
-        """Build the guide for the model's arguments, all or nothing: a failure (an
-        unsupported model, an interrupt during the start) leaves the guide unbuilt, so the
-        next call starts again. Values held in Pyro's param store under this guide's name
-        (``pyro.get_param_store().load(path)``) are loaded, and no start is computed."""
-        with all_or_nothing(self):
-            self._build(*args, **kwargs)
-            sync_param_store(self)
-
     def _build(self, *args: Any, **kwargs: Any) -> None:
         self._require_model()
         raw_model = self._raw_model[0]
         try:
-            super()._setup_prototype(*args, **kwargs)
+            AutoContinuous._setup_prototype(self, *args, **kwargs)  # Pyro's packing
         except (ValueError, RuntimeError, NotImplementedError) as err:
             problem = unsupported_latents(self.prototype_trace, type(self).__name__)
             if problem is not None:
