@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from pyro import poutine
+from pyro import poutine, validation_enabled
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
@@ -59,12 +59,15 @@ def unscaled_log_prob(site: Any) -> Tensor:
     """A site's log density summed, without the subsampled plates' ``N / B`` factor (its mask
     and any other scale kept)."""
     lp = site["fn"].log_prob(site["value"])
-    if site["mask"] is not None:
-        lp = lp * site["mask"]
+    if site["mask"] is not None:  # a where, not a product: no cast of the mask, no 0 * inf
+        lp = torch.where(torch.as_tensor(site["mask"]), lp, lp.new_zeros(()))
     plate_scale = math.prod(
         f.full_size / f.size for f in site["cond_indep_stack"] if f.full_size is not None
     )
-    return (lp * (site["scale"] / plate_scale)).sum()
+    scale = site["scale"] / plate_scale
+    if not isinstance(scale, float | int) or scale != 1:  # each op here is differentiated
+        lp = lp * scale  # three times by the Newton conditionals: none for a unit scale
+    return lp.sum()
 
 
 def model_run(
@@ -130,9 +133,11 @@ def _hessian_rows(grad: Tensor, u: Tensor, units: Tensor, create_graph: bool) ->
             is_grads_batched=batched,
         )[0]  # fmt: skip
 
-    if not torch.jit.is_tracing():
+    tracing = torch.jit.is_tracing()
+    if len(units) > 1 and not tracing:
         return hvp(grad, units, True)
-    rows = [hvp((grad * v).sum(), None, False) for v in units]
+    # one product (F = 1) costs less without the vmap's batching rules
+    rows = [hvp((grad * v).sum(), None, False) if tracing else hvp(grad, v, False) for v in units]
     present = [r for r in rows if r is not None]
     return torch.stack(present) if len(present) == len(rows) else None
 
@@ -148,26 +153,24 @@ def newton_gaussian(
     gradient is not finite."""
     batch = torch.broadcast_shapes(grad.shape[:-1], prec.shape[:-2], fallback_loc.shape[:-1])
     f = grad.shape[-1]
-    prec = 0.5 * (prec + prec.transpose(-1, -2))
-    finite = torch.isfinite(grad).all(-1) & torch.isfinite(prec).flatten(-2).all(-1)
-    eye = torch.eye(f, dtype=prec.dtype, device=prec.device)
-    safe = torch.where(finite[..., None, None], prec, eye)
-    if f == 1:  # scalars: no batched LAPACK calls on 1 x 1 matrices
-        good = (finite & (safe[..., 0, 0] > 0)).expand(batch)
+    fallback_prec = (-2 * fallback_log_scale).exp()
+    if f == 1:  # scalars: no symmetrising, no 1 x 1 LAPACK calls (each op here is per element)
+        p = prec[..., 0]
+        good = torch.isfinite(grad) & torch.isfinite(p) & (p > 0)
+        chosen = torch.where(good, p, fallback_prec)
+        step, chol = torch.where(good, grad, 0.0) / chosen, chosen.sqrt().unsqueeze(-1)
     else:
-        good = (finite & (torch.linalg.cholesky_ex(safe.detach())[1] == 0)).expand(batch)
-    diag = torch.diag_embed((-2 * fallback_log_scale).exp().expand(batch + (f,)))
-    chosen = torch.where(good[..., None, None], safe.expand(diag.shape), diag)
-    g = torch.where(good[..., None], grad.expand(batch + (f,)), torch.zeros_like(diag[..., 0]))
-    if f == 1:
-        chol, step = chosen.sqrt(), g / chosen[..., 0]
-    else:
+        prec = 0.5 * (prec + prec.transpose(-1, -2))
+        finite = torch.isfinite(grad).all(-1) & torch.isfinite(prec).flatten(-2).all(-1)
+        eye = torch.eye(f, dtype=prec.dtype, device=prec.device)
+        safe = torch.where(finite[..., None, None], prec, eye)
+        good = (finite & (torch.linalg.cholesky_ex(safe.detach())[1] == 0))[..., None]
+        chosen = torch.where(good[..., None], safe, torch.diag_embed(fallback_prec))
         chol = torch.linalg.cholesky(chosen)
-        step = torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
+        step = torch.cholesky_solve(torch.where(good, grad, 0.0).unsqueeze(-1), chol)[..., 0]
     limit = MAX_STEP * fallback_log_scale.exp()
-    step = torch.maximum(torch.minimum(step, limit), -limit)
-    loc = torch.where(good[..., None], u0.expand(batch + (f,)), fallback_loc.expand(batch + (f,)))
-    return loc + step, chol
+    mean = torch.where(good, u0, fallback_loc) + step.clamp(-limit, limit)
+    return mean.expand(batch + (f,)), chol.expand(batch + (f, f))
 
 
 class PrecisionAffine(Transform):
@@ -231,9 +234,10 @@ def newton_conditionals(
     from one run of ``model`` at the globals ``g``, the other groups at ``blocks`` and each
     target group ``k`` at ``anchors[k] = (loc, log_scale)`` (``(*lead, *grid, F)``; also the
     fallback Gaussian). Differentiable in everything when gradients are enabled, detached
-    otherwise."""
+    otherwise. The run skips Pyro's argument checks: the ELBO's own run of the model makes
+    them, and those of the observations cost a pass over the data."""
     create_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
+    with torch.enable_grad(), validation_enabled(False):
         blocks = list(blocks)
         for k, (loc, _) in anchors.items():
             blocks[k] = loc if loc.requires_grad else loc.detach().requires_grad_(True)
