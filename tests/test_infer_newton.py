@@ -74,6 +74,33 @@ def test_newton_conditional_is_the_exact_gaussian_conditional(dtype) -> None:
         assert torch.allclose(prec.double(), want_prec, rtol=tol, atol=tol * want_prec.abs().max())
 
 
+def masked_scalar(y: torch.Tensor, mask: torch.Tensor) -> None:
+    """One normal local per group, rows in a padded ``(rows, groups)`` grid with a mask."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(1.0))
+    with pyro.plate("g", y.shape[-1], dim=-1):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        with pyro.plate("rows", y.shape[-2], dim=-2), pyro.poutine.mask(mask=mask):
+            pyro.sample("y", dist.Normal(theta, 0.5), obs=y)
+
+
+def test_scalar_conditionals_of_a_masked_grid_are_exact_and_differentiable() -> None:
+    # F = 1 (one Hessian-vector product, the scalar Gaussian); the padding's values must
+    # reach neither the conditionals nor their gradient
+    mask = torch.arange(ROWS).unsqueeze(-1) < torch.arange(1, GROUPS + 1).clamp(max=ROWS)
+    y = torch.where(mask, Y.float(), 1e3)
+    guide = AutoHierarchicalFlow(masked_scalar).initialize(y, mask)
+    g = torch.tensor([0.8, -0.4], requires_grad=True)  # mu, log tau
+    mean, prec = conditionals(guide, g, y, mask)
+    want_prec = g[1].mul(-2).exp() + mask.sum(0) / 0.25
+    want_mean = (g[0] * g[1].mul(-2).exp() + torch.where(mask, y, 0).sum(0) / 0.25) / want_prec
+    assert torch.allclose(prec[..., 0, 0], want_prec, rtol=1e-5)
+    assert torch.allclose(mean[..., 0], want_mean, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad((mean[..., 0] + prec[..., 0, 0]).sum(), g)[0]
+    want = torch.autograd.grad((want_mean + want_prec).sum(), g)[0]
+    assert torch.allclose(got, want, rtol=1e-4)
+
+
 def test_conditional_follows_each_particles_globals() -> None:
     guide = AutoHierarchicalFlow(regression).initialize(X, Y)
     g = torch.randn(3, 1, 1, 5, generator=GEN)  # three particles left of the model's plates
