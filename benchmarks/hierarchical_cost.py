@@ -32,6 +32,7 @@ from pyro.infer.autoguide import AutoNormal
 
 from benchmarks import hierarchical_models
 from benchmarks.hierarchical_models import Posterior, county_plate, grid, radon
+from pyro_flows_ext.checks import positive_int
 from pyro_flows_ext.infer import AutoHierarchicalFlow, fit_guide
 
 DEFAULT = "radon_mn,eight_schools,glm,counts,funnel,funnel10k,radon_synth"
@@ -42,6 +43,7 @@ def synthetic_radon(counties: int = 400, seed: int = 20261204) -> Posterior:
     least one; ``E`` about 30), a basement indicator ``floor ~ Bernoulli(0.2)``, and
     ``y ~ N(a_c + b_c floor, 0.75)`` with ``a_c ~ N(1.5, 0.35)``, ``b_c ~ N(-0.7, 0.3)``,
     all from ``seed``; the houses in a padded ``(max houses, counties)`` grid with a mask."""
+    counties = positive_int("counties", counties)
     gen = torch.Generator().manual_seed(seed)
     houses = (torch.randn(counties, generator=gen, dtype=torch.float64) * 1.1 + 2.8).exp()
     houses = houses.round().clamp(min=1).long()

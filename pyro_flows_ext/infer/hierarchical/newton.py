@@ -59,7 +59,7 @@ def unscaled_log_prob(site: Any) -> Tensor:
     """A site's log density summed, without the subsampled plates' ``N / B`` factor (its mask
     and any other scale kept)."""
     lp = site["fn"].log_prob(site["value"])
-    if site["mask"] is not None:  # a where, not a product: no cast of the mask, no 0 * inf
+    if site["mask"] is not None:  # a where, as Pyro masks: no cast of the mask to a float
         lp = torch.where(torch.as_tensor(site["mask"]), lp, lp.new_zeros(()))
     plate_scale = math.prod(
         f.full_size / f.size for f in site["cond_indep_stack"] if f.full_size is not None
