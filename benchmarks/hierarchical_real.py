@@ -86,6 +86,23 @@ GUIDES: dict[str, Callable[[Posterior], Any]] = {
     "coupling": lambda p: AutoCouplingFlow(p.model, init="loc"),
     "hierarchical": lambda p: AutoHierarchicalFlow(p.model, **_plates(p)),
 }
+
+
+class _FewestFirst(AutoHierarchicalFlow):
+    CROSSED_ORDER = "fewest"
+
+
+class _Uncrossed(AutoHierarchicalFlow):
+    CROSSED_ORDER = None
+
+
+VARIANTS: dict[str, Callable[[Posterior], Any]] = {
+    "hierarchical_fewest": lambda p: _FewestFirst(p.model, **_plates(p)),
+    "hierarchical_uncrossed": lambda p: _Uncrossed(p.model, **_plates(p)),
+}
+"""Variants of the guides, run only when named: the order of crossed groups (see
+:mod:`pyro_flows_ext.infer.hierarchical.crossed`), and none (the guide before it)."""
+GUIDES |= VARIANTS
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -200,7 +217,7 @@ def limited(fn: Callable[[], dict], seconds: float) -> dict:
 # ------------------------------------------------------------------ driver --------------
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = protocol_parser(__doc__, GUIDES, 2000, RESULTS / "hierarchical_real.json")
-    p.set_defaults(draws=2000)
+    p.set_defaults(draws=2000, guides=",".join(k for k in GUIDES if k not in VARIANTS))
     p.add_argument("--posteriors", default=",".join(DEV), help="of " + ", ".join(DEV))
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

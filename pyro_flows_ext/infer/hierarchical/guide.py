@@ -19,6 +19,7 @@ from torch.distributions import Distribution
 
 from pyro_flows_ext.checks import check_bool, hidden_sizes, positive_float, positive_int
 from pyro_flows_ext.infer.guide_state import GuideStateMixin
+from pyro_flows_ext.infer.hierarchical.crossed import condition_stages, shared_terms
 from pyro_flows_ext.infer.hierarchical.full import Draw, FullPlateDraws
 from pyro_flows_ext.infer.hierarchical.local_flow import (
     LOCAL_CLAMP,
@@ -42,7 +43,7 @@ __all__ = ["AutoHierarchicalFlow"]
 
 Emit = Callable[[str, Tensor, Tensor], Tensor]
 Scope = Callable[[PlateGroup], AbstractContextManager[Any]]
-Conditionals = Callable[[Tensor, dict[int, Tensor]], dict[int, tuple[Tensor, Tensor]]]
+Conditionals = Callable[[Tensor, dict[int, Tensor], list[int]], dict[int, tuple[Tensor, Tensor]]]
 
 
 class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
@@ -150,6 +151,11 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
     Agrawal & Domke (2021), amortized variational inference for simple hierarchical models.
     """
 
+    CROSSED_ORDER: str | None = "largest"
+    """The order in which leaf groups that share likelihood terms are conditioned on each
+    other's draws (:mod:`~pyro_flows_ext.infer.hierarchical.crossed`): ``"largest"`` or
+    ``"fewest"`` plate elements first; ``None``: each at the others' anchors, in one run."""
+
     AFFINE_FROM: int = 50
     """Plate elements (all plates) from which the globals' couplings are affine unless
     ``coupling`` says otherwise (radon's 85 counties: ELBO -1063.3 affine, -1067.0 spline)."""
@@ -237,6 +243,10 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
             for group, prior in zip(s.groups, priors, strict=True)
         )
         self._newton_groups = frozenset(s.leaves if self.newton else ())
+        leaves, model = sorted(self._newton_groups), self._plain_model
+        find = len(leaves) > 1 and self.CROSSED_ORDER is not None
+        shared = shared_terms(model, s, trace, g0, leaves, args, kwargs) if find else []
+        self._stages = condition_stages(s, leaves, shared, self.CROSSED_ORDER or "largest")
         self._model_nesting = s.model_nesting
         self.register_buffer("_anchor", like.new_zeros(()).detach())
         self.to(dtype=like.dtype, device=like.device)
@@ -292,14 +302,20 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
         return dist.TransformedDistribution(base, transforms)
 
     def _conditionals(
-        self, g: Tensor, blocks: dict[int, Tensor], indices: dict[str, Tensor], *run: Any
+        self,
+        g: Tensor,
+        blocks: dict[int, Tensor],
+        indices: dict[str, Tensor],
+        *run: Any,
+        targets: list[int] | None = None,
     ) -> dict[int, tuple[Tensor, Tensor]]:
-        """The Newton groups' Gaussians; ``run``: the model's ``args, kwargs`` and whether
-        to read the full plates in chunks (:func:`group_conditionals`)."""
+        """The Newton groups' Gaussians (of ``targets``, default all); ``run``: the model's
+        ``args, kwargs`` and whether to read the full plates in chunks
+        (:func:`group_conditionals`)."""
         assert self.structure is not None
-        groups = {i: self.local_flows[i] for i in sorted(self._newton_groups)}
+        groups = {i: self.local_flows[i] for i in sorted(self._newton_groups - set(blocks))}
         model, s = self._plain_model, self.structure
-        return group_conditionals(model, s, groups, g, blocks, indices, *run)
+        return group_conditionals(model, s, groups, g, blocks, indices, *run, targets=targets)
 
     def _features(self, indices: dict[str, Tensor], args: tuple, kwargs: dict) -> dict[str, Tensor]:
         assert self.structure is not None
@@ -316,7 +332,8 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
         conditionals: Conditionals,
     ) -> dict[str, Tensor]:
         """Draw the globals, then each group given the globals and its parents (the Newton
-        groups last, from ``conditionals(g, blocks)``); ``draw`` samples a block (told
+        groups last, from ``conditionals(g, blocks, targets)``, one call per stage of
+        :mod:`~pyro_flows_ext.infer.hierarchical.crossed`); ``draw`` samples a block (told
         whether it is the first draw of its chain), ``emit`` turns a site's value into the
         result, ``scope`` enters a group's plates."""
         s = self.structure
@@ -331,14 +348,17 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
         blocks: dict[int, Tensor] = {}
         gaussians: dict[int, tuple[Tensor, Tensor]] = {}
         fixed: dict[int, tuple[Tensor, Tensor]] = {}  # at the detached context, for STL
-        for i in sorted(range(len(s.groups)), key=lambda k: k in self._newton_groups):
+        stage = self._stages
+        for i in sorted(range(len(s.groups)), key=lambda k: (k in stage, stage.get(k, 0))):
             group = s.groups[i]
             parts = [centred] if s.global_dim else []
             parts += [blocks[j] for j in group.parents] + [feats[p.name] for p in group.plates]
-            if i in self._newton_groups and not gaussians:  # outside the plates: runs the model
-                gaussians = conditionals(g, blocks)
+            if i in stage and i not in gaussians:  # outside the plates: runs the model
+                targets = [k for k in sorted(stage) if stage[k] == stage[i]]
+                gaussians.update(conditionals(g, blocks, targets))
                 if self.stl:
-                    fixed = conditionals(g.detach(), {k: b.detach() for k, b in blocks.items()})
+                    detached = {k: b.detach() for k, b in blocks.items()}
+                    fixed.update(conditionals(g.detach(), detached, targets))
             with scope(group):
                 fresh = not s.global_dim and not group.parents  # no draw in its context yet
                 q = self._local_dist(i, parts, g, indices, gaussians.get(i))
@@ -377,8 +397,8 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
                 stack.enter_context(plates[p.name])
             return stack
 
-        def conditionals(g: Tensor, blocks: dict[int, Tensor]) -> dict[int, Any]:
-            return self._conditionals(g, blocks, indices, args, kwargs)
+        def conditionals(g: Tensor, blocks: dict[int, Tensor], to: list[int]) -> dict[int, Any]:
+            return self._conditionals(g, blocks, indices, args, kwargs, targets=to)
 
         return self._walk(indices, feats, draw, emit, scope, conditionals)
 
@@ -390,8 +410,8 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
         indices = {n: torch.arange(p.size, device=device) for n, p in self.structure.plates.items()}
         feats = self._features(indices, args, kwargs)
 
-        def conditionals(g: Tensor, blocks: dict[int, Tensor]) -> dict[int, Any]:
-            return self._conditionals(g, blocks, indices, args, kwargs, True)
+        def conditionals(g: Tensor, blocks: dict[int, Tensor], to: list[int]) -> dict[int, Any]:
+            return self._conditionals(g, blocks, indices, args, kwargs, True, targets=to)
 
         return self._walk(
             indices, feats, draw, lambda n, v, ld: v, lambda g: nullcontext(), conditionals
