@@ -88,8 +88,8 @@ GUIDES: dict[str, Callable[[Posterior], Any]] = {
 }
 
 
-class _FewestFirst(AutoHierarchicalFlow):
-    CROSSED_ORDER = "fewest"
+class _LargestFirst(AutoHierarchicalFlow):
+    CROSSED_ORDER = "largest"
 
 
 class _Uncrossed(AutoHierarchicalFlow):
@@ -97,7 +97,7 @@ class _Uncrossed(AutoHierarchicalFlow):
 
 
 VARIANTS: dict[str, Callable[[Posterior], Any]] = {
-    "hierarchical_fewest": lambda p: _FewestFirst(p.model, **_plates(p)),
+    "hierarchical_largest": lambda p: _LargestFirst(p.model, **_plates(p)),
     "hierarchical_uncrossed": lambda p: _Uncrossed(p.model, **_plates(p)),
 }
 """Variants of the guides, run only when named: the order of crossed groups (see

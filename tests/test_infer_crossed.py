@@ -84,8 +84,8 @@ def test_crossed_and_index_nested_groups_share_terms_others_not() -> None:
     guide = built(crossed)
     assert [names(guide, ks) for ks in found(guide)] == [{"a", "b"}]
     a, b = (next(k for k in range(2) if guide.structure.groups[k].name == n) for n in "ab")
-    assert guide._stages == {a: 0, b: 1}  # largest first
-    assert condition_stages(guide.structure, [a, b], found(guide), "fewest") == {a: 1, b: 0}
+    assert guide._stages == {a: 1, b: 0}  # fewest elements first
+    assert condition_stages(guide.structure, [a, b], found(guide), "largest") == {a: 0, b: 1}
     guide = built(index_nested)
     assert [names(guide, ks) for ks in found(guide)] == [{"region", "state"}]
     assert sorted(guide._stages.values()) == [0, 1]
@@ -117,27 +117,31 @@ def test_second_group_draws_the_exact_conditional_given_the_first_draw() -> None
         trace = pyro.poutine.trace(guide).get_trace(Y)
     finally:
         torch.set_default_dtype(torch.float32)
+    order = sorted(guide._stages, key=guide._stages.get)
+    first, second = (guide.structure.groups[k].name for k in order)
+    at = {"a": slice(0, A), "b": slice(A, A + B)}
+    i, j = at[first], at[second]
     b0 = trace.nodes[PREFIX + "globals"]["value"][0].detach()
-    ua = trace.nodes[PREFIX + "a"]["value"].detach()
-    ub = trace.nodes[PREFIX + "b"]["value"].detach()
+    u1 = trace.nodes[PREFIX + first]["value"].detach()
+    u2 = trace.nodes[PREFIX + second]["value"].detach()
     mean, prec = exact_joint(b0)
-    paa, pab, pbb = prec[:A, :A], prec[:A, A:], prec[A:, A:]
-    # q(eb | ea, b0): the exact conditional, mean and (diagonal: no b-b coupling) precision
-    want_mean = mean[A:] - torch.linalg.solve(pbb, pab.T @ (ua[:, 0] - mean[:A]))
-    layer = newton_layer(trace, "b")
+    # q(u2 | u1, b0): the exact conditional, mean and (diagonal: no u2-u2 coupling) precision
+    want_mean = mean[j] - torch.linalg.solve(prec[j, j], prec[j, i] @ (u1[:, 0] - mean[i]))
+    layer = newton_layer(trace, second)
     assert torch.allclose(layer.loc[:, 0], want_mean, atol=1e-9)
-    assert torch.allclose(torch.diag_embed(layer.chol[:, 0, 0] ** 2), pbb, atol=1e-9)
-    # q(ea | b0): the conditional at eb's anchor, its precision the a-a block
-    assert torch.allclose(torch.diag_embed(newton_layer(trace, "a").chol[:, 0, 0] ** 2), paa)
+    assert torch.allclose(torch.diag_embed(layer.chol[:, 0, 0] ** 2), prec[j, j], atol=1e-9)
+    # q(u1 | b0): the conditional at u2's anchor, its precision the u1-u1 block
+    chol = newton_layer(trace, first).chol
+    assert torch.allclose(torch.diag_embed(chol[:, 0, 0] ** 2), prec[i, i], atol=1e-9)
     # the fresh guide's density of its draw is the Newton Gaussians' (its networks start at 0)
-    want = dist.Normal(want_mean, pbb.diagonal() ** -0.5).log_prob(ub[:, 0]).sum()
-    got = trace.nodes[PREFIX + "b"]["fn"].log_prob(ub).sum()
+    want = dist.Normal(want_mean, prec[j, j].diagonal() ** -0.5).log_prob(u2[:, 0]).sum()
+    got = trace.nodes[PREFIX + second]["fn"].log_prob(u2).sum()
     assert torch.allclose(got, want, atol=1e-9)
     # and the guide replayed at its draw scores it as it sampled it
     replayed = pyro.poutine.trace(pyro.poutine.replay(guide, trace=trace)).get_trace(Y)
     trace.compute_log_prob()
     replayed.compute_log_prob()
-    for site in ("globals", "a", "b"):
+    for site in ("globals", first, second):
         before, after = (t.nodes[PREFIX + site]["log_prob_sum"] for t in (trace, replayed))
         assert torch.allclose(before, after, atol=1e-9)
 

@@ -83,7 +83,7 @@ def condition_stages(
     structure: PlateStructure,
     leaves: Sequence[int],
     shared: Sequence[frozenset[int]],
-    order: str = "largest",
+    order: str = "fewest",
 ) -> dict[int, int]:
     """Each leaf's stage (module docstring): 0 for a leaf that shares no term; within a
     connected set of leaves (``shared``: the sets that share a term), ``0, 1, ...`` by

@@ -4,7 +4,6 @@ many plate elements and to subsampled plates (see
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any, cast
@@ -29,9 +28,10 @@ from pyro_flows_ext.infer.hierarchical.local_flow import (
     check_encoders,
     encode,
     global_flow,
+    group_flow,
     plate_features,
 )
-from pyro_flows_ext.infer.hierarchical.local_prior import LocalPrior, local_priors
+from pyro_flows_ext.infer.hierarchical.local_prior import local_priors
 from pyro_flows_ext.infer.hierarchical.newton import group_conditionals
 from pyro_flows_ext.infer.hierarchical.plates import PlateGroup, PlateStructure, plate_structure
 from pyro_flows_ext.infer.stl import StickingTheLanding
@@ -151,7 +151,7 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
     Agrawal & Domke (2021), amortized variational inference for simple hierarchical models.
     """
 
-    CROSSED_ORDER: str | None = "largest"
+    CROSSED_ORDER: str | None = "fewest"
     """The order in which leaf groups that share likelihood terms are conditioned on each
     other's draws (:mod:`~pyro_flows_ext.infer.hierarchical.crossed`): ``"largest"`` or
     ``"fewest"`` plate elements first; ``None``: each at the others' anchors, in one run."""
@@ -238,15 +238,19 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
         priors = local_priors(
             self._plain_model, trace, s, g0, self.init_scale, args, kwargs, read=self.local_prior
         )
+        hidden = self.local_hidden_dims or LOCAL_HIDDEN
         self.local_flows = nn.ModuleList(
-            self._local_flow(group, prior, widths)
+            group_flow(
+                s, group, prior, widths, set(self.encoders), depth=self.local_depth,
+                hidden_dims=hidden, lr_scale=self.lr_scale, clamp=self.clamp,
+            )
             for group, prior in zip(s.groups, priors, strict=True)
-        )
+        )  # fmt: skip
         self._newton_groups = frozenset(s.leaves if self.newton else ())
         leaves, model = sorted(self._newton_groups), self._plain_model
         find = len(leaves) > 1 and self.CROSSED_ORDER is not None
         shared = shared_terms(model, s, trace, g0, leaves, args, kwargs) if find else []
-        self._stages = condition_stages(s, leaves, shared, self.CROSSED_ORDER or "largest")
+        self._stages = condition_stages(s, leaves, shared, self.CROSSED_ORDER or "fewest")
         self._model_nesting = s.model_nesting
         self.register_buffer("_anchor", like.new_zeros(()).detach())
         self.to(dtype=like.dtype, device=like.device)
@@ -258,22 +262,6 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
         elements = sum(p.size for p in self.structure.plates.values())
         kind = "affine" if elements >= self.AFFINE_FROM else "spline"
         return coupling_map(kind, clamp=self.clamp)
-
-    def _local_flow(
-        self, group: PlateGroup, prior: LocalPrior, widths: dict[str, int]
-    ) -> LocalFlow:
-        assert self.structure is not None
-        groups = self.structure.groups
-        context = self.structure.global_dim + sum(groups[j].dim for j in group.parents)
-        context += sum(widths[p.name] for p in group.plates)
-        amortised = any(p.name in self.encoders for p in group.plates)
-        grid = None if amortised else group.grid({p.name: p.size for p in group.plates})
-        hidden = self.local_hidden_dims or LOCAL_HIDDEN
-        return LocalFlow(
-            group.dim, context, grid, prior, depth=self.local_depth, hidden_dims=hidden,
-            lr_scale=self.lr_scale, clamp=self.clamp,
-            element_rate=math.prod(p.rate for p in group.plates),
-        )  # fmt: skip
 
     def _aux(self, block: str) -> str:
         return f"_{self._pyro_name}_{block}"
