@@ -60,7 +60,8 @@ def shared_terms(
     blocks = []
     for group in structure.groups:
         u = group.initial_values(trace).to(g0)
-        blocks.append(u[(Ellipsis, *group.grid_index(idx), slice(None))].requires_grad_(True))
+        at: tuple[Any, ...] = (Ellipsis, *group.grid_index(idx), slice(None))
+        blocks.append(u[at].requires_grad_(True))
     targets = [blocks[k] for k in leaves]
     out = []
     with torch.random.fork_rng(devices=[]), torch.enable_grad():

@@ -294,15 +294,18 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
         g: Tensor,
         blocks: dict[int, Tensor],
         indices: dict[str, Tensor],
-        *run: Any,
+        args: tuple,
+        kwargs: dict,
+        chunked: bool = False,
         targets: list[int] | None = None,
     ) -> dict[int, tuple[Tensor, Tensor]]:
-        """The Newton groups' Gaussians (of ``targets``, default all); ``run``: the model's
-        ``args, kwargs`` and whether to read the full plates in chunks
+        """The Newton groups' Gaussians (of ``targets``, default all), for the model's
+        ``args, kwargs``, read over the full plates in chunks with ``chunked``
         (:func:`group_conditionals`)."""
         assert self.structure is not None
         groups = {i: self.local_flows[i] for i in sorted(self._newton_groups - set(blocks))}
         model, s = self._plain_model, self.structure
+        run = (args, kwargs, chunked)
         return group_conditionals(model, s, groups, g, blocks, indices, *run, targets=targets)
 
     def _features(self, indices: dict[str, Tensor], args: tuple, kwargs: dict) -> dict[str, Tensor]:
