@@ -35,7 +35,7 @@ from torch import Tensor
 from pyro_flows_ext.infer.hierarchical.newton import model_run, unscaled_log_prob
 from pyro_flows_ext.infer.hierarchical.plates import PlateStructure, index_chunks
 
-__all__ = ["condition_stages", "shared_terms"]
+__all__ = ["condition_stages", "crossed_stages", "shared_terms"]
 
 
 def shared_terms(
@@ -113,3 +113,21 @@ def condition_stages(
         for t, k in enumerate(sorted(members, key=key)):
             stages[k] = t
     return stages
+
+
+def crossed_stages(
+    model: Callable[..., Any],
+    structure: PlateStructure,
+    trace: Any,
+    g0: Tensor,
+    leaves: Sequence[int],
+    order: str | None,
+    args: tuple,
+    kwargs: dict,
+) -> dict[int, int]:
+    """:func:`condition_stages` of the ``leaves`` from :func:`shared_terms` (no model run for
+    one leaf); with ``order`` ``None``, stage 0 for every leaf (each at the others' anchors)."""
+    if order is None or len(leaves) < 2:
+        return dict.fromkeys(leaves, 0)
+    shared = shared_terms(model, structure, trace, g0, leaves, args, kwargs)
+    return condition_stages(structure, leaves, shared, order)

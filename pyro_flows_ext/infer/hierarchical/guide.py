@@ -18,7 +18,7 @@ from torch.distributions import Distribution
 
 from pyro_flows_ext.checks import check_bool, hidden_sizes, positive_float, positive_int
 from pyro_flows_ext.infer.guide_state import GuideStateMixin
-from pyro_flows_ext.infer.hierarchical.crossed import condition_stages, shared_terms
+from pyro_flows_ext.infer.hierarchical.crossed import crossed_stages
 from pyro_flows_ext.infer.hierarchical.full import Draw, FullPlateDraws
 from pyro_flows_ext.infer.hierarchical.local_flow import (
     LOCAL_CLAMP,
@@ -82,7 +82,12 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
     approximation otherwise. The network and couplings act in its whitened space. A fresh
     guide is a Gaussian around the ``init_loc_fn`` point in the globals, each local at its
     Newton Gaussian (or, for ``newton=False`` and groups with children, at its prior given the
-    globals times its pseudo-likelihood start, see ``local_prior``).
+    globals times its pseudo-likelihood start, see ``local_prior``). Groups that share a
+    likelihood term (crossed effects: a vote on its state's and its age group's; or a prior
+    indexed by another group) are found at setup and conditioned in sequence, fewest elements
+    first (:attr:`CROSSED_ORDER`, :mod:`~pyro_flows_ext.infer.hierarchical.crossed`): each
+    one's Newton Gaussian at the draws of those before it, one model run per group of the
+    chain, so that every group but the first gets its exact conditional in normal models.
     Its parameters and buffers (embeddings, prior coefficients) live in Pyro's param store
     under the guide's name: after ``pyro.get_param_store().load(path)`` a new guide's first
     call (or a built guide's next one) takes the saved values.
@@ -228,9 +233,11 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
         )
         widths.update({n: self.embedding_dim for n in self.embeddings})
         g0 = s.initial_globals(trace)
+        affine = sum(p.size for p in s.plates.values()) >= self.AFFINE_FROM
+        coupling = self.coupling or coupling_map("affine" if affine else "spline", clamp=self.clamp)
         self.global_flow = nn.ModuleList(
             global_flow(
-                g0, depth=self.depth, coupling=self._global_coupling(),
+                g0, depth=self.depth, coupling=coupling,
                 network=damped_network(self.hidden_dims, self.lr_scale),
                 init_scale=self.init_scale,
             )
@@ -247,21 +254,11 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
             for group, prior in zip(s.groups, priors, strict=True)
         )  # fmt: skip
         self._newton_groups = frozenset(s.leaves if self.newton else ())
-        leaves, model = sorted(self._newton_groups), self._plain_model
-        find = len(leaves) > 1 and self.CROSSED_ORDER is not None
-        shared = shared_terms(model, s, trace, g0, leaves, args, kwargs) if find else []
-        self._stages = condition_stages(s, leaves, shared, self.CROSSED_ORDER or "fewest")
+        leaves, order = sorted(self._newton_groups), self.CROSSED_ORDER
+        self._stages = crossed_stages(self._plain_model, s, trace, g0, leaves, order, args, kwargs)
         self._model_nesting = s.model_nesting
         self.register_buffer("_anchor", like.new_zeros(()).detach())
         self.to(dtype=like.dtype, device=like.device)
-
-    def _global_coupling(self) -> ElementwiseMap:
-        if self.coupling is not None:
-            return self.coupling
-        assert self.structure is not None
-        elements = sum(p.size for p in self.structure.plates.values())
-        kind = "affine" if elements >= self.AFFINE_FROM else "spline"
-        return coupling_map(kind, clamp=self.clamp)
 
     def _aux(self, block: str) -> str:
         return f"_{self._pyro_name}_{block}"
