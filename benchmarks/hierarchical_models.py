@@ -25,6 +25,12 @@ real. The dev suite:
 * ``funnel``: the exact normal funnel of :mod:`benchmarks.hierarchical` at ``G = 1,000``
   (``funnel10k``: ``G = 10,000``).
 
+Crossed designs (``CROSSED``, run when named): ``crossed_lm`` and ``crossed_logit``, data
+simulated with a fixed seed at ``CROSSED_TRUTH`` in ``election88``'s shape (below): 51
+states nested in 5 regions, 16 age x education cells crossing both, three covariates; 600
+respondents with a normal likelihood of known scale ``CROSSED_NOISE`` (:func:`crossed_linear`),
+or 3,000 with ``election88``'s Bernoulli one.
+
 Held out (for one final evaluation; their data are read only when they are asked for):
 ``radon_all`` (the radon model on 386 counties) and ``election88`` (Gelman & Hill ch. 14, a
 multilevel logistic regression with state, region and age x education effects, and ``female``,

@@ -63,7 +63,7 @@ from torch import Tensor
 
 from benchmarks import hierarchical_models, hierarchical_real_report, hierarchical_references_io
 from benchmarks.hierarchical import RESULTS, parse_protocol, protocol_parser
-from benchmarks.hierarchical_models import DEV, HELD_OUT, Posterior
+from benchmarks.hierarchical_models import CROSSED, DEV, HELD_OUT, Posterior
 from pyro_flows_ext.infer import (
     AutoCouplingFlow,
     AutoHierarchicalFlow,
@@ -218,7 +218,7 @@ def limited(fn: Callable[[], dict], seconds: float) -> dict:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = protocol_parser(__doc__, GUIDES, 2000, RESULTS / "hierarchical_real.json")
     p.set_defaults(draws=2000, guides=",".join(k for k in GUIDES if k not in VARIANTS))
-    p.add_argument("--posteriors", default=",".join(DEV), help="of " + ", ".join(DEV))
+    p.add_argument("--posteriors", default=",".join(DEV), help="of " + ", ".join(DEV + CROSSED))
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--time-limit", type=float, default=600.0, help="seconds per fit")
