@@ -30,6 +30,12 @@ Usage (from the repository root)::
     python -m benchmarks.hierarchical_real --posteriors radon_mn --guides normal,hierarchical \\
         --seeds 0,1,2 --steps 2000 --steps-for gaussian=500 --time-limit 300
     python -m benchmarks.hierarchical_real --held-out --posteriors radon_all,election88
+    python -m benchmarks.hierarchical_real --posteriors crossed_lm --seeds 0,1,2 \\
+        --guides normal,hierarchical_uncrossed,hierarchical_largest,hierarchical
+
+The guides ``hierarchical_largest`` and ``hierarchical_uncrossed`` (:data:`VARIANTS`) run only
+when named: ``AutoHierarchicalFlow`` with its crossed groups conditioned largest first, or not
+in sequence at all (each at the others' anchors, as before the sequential conditionals).
 
 The held-out posteriors (``radon_all``, ``election88``) are for one final evaluation: their
 references come from ``python -m benchmarks.hierarchical_references --held-out``.

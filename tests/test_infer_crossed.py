@@ -172,3 +172,19 @@ def test_sticking_the_landing_runs_through_the_sequential_conditionals() -> None
     elbo.differentiable_loss(crossed, guide, Y.float()).backward()
     grads = [p.grad for p in guide.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_sticking_the_landing_score_detaches_the_earlier_groups_draw() -> None:
+    guide = AutoHierarchicalFlow(crossed, stl=True).initialize(Y.float())
+    trace = pyro.poutine.trace(guide).get_trace(Y.float())
+    first, second = (
+        guide.structure.groups[k].name for k in sorted(guide._stages, key=guide._stages.get)
+    )
+    u1 = trace.nodes[PREFIX + first]["value"]
+    u2 = trace.nodes[PREFIX + second]["value"]
+    q = trace.nodes[PREFIX + second]["fn"]
+    score = q.score.log_prob(u2.detach()).sum()
+    assert torch.allclose(score, q.base.log_prob(u2).sum())  # the same density
+    assert u1.requires_grad and torch.autograd.grad(score, u1, allow_unused=True)[0] is None
+    params = [p for p in guide.parameters() if p.requires_grad]
+    assert any(g is not None for g in torch.autograd.grad(score, params, allow_unused=True))
