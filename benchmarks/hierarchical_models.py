@@ -25,6 +25,12 @@ real. The dev suite:
 * ``funnel``: the exact normal funnel of :mod:`benchmarks.hierarchical` at ``G = 1,000``
   (``funnel10k``: ``G = 10,000``).
 
+Crossed designs (``CROSSED``, run when named): ``crossed_lm`` and ``crossed_logit``, data
+simulated with a fixed seed at ``CROSSED_TRUTH`` in ``election88``'s shape (below): 51
+states nested in 5 regions, 16 age x education cells crossing both, three covariates; 600
+respondents with a normal likelihood of known scale ``CROSSED_NOISE`` (:func:`crossed_linear`),
+or 3,000 with ``election88``'s Bernoulli one.
+
 Held out (for one final evaluation; their data are read only when they are asked for):
 ``radon_all`` (the radon model on 386 counties) and ``election88`` (Gelman & Hill ch. 14, a
 multilevel logistic regression with state, region and age x education effects, and ``female``,
@@ -58,6 +64,12 @@ DEV = ("radon_mn", "eight_schools", "glm", "counts", "funnel")
 HELD_OUT = ("radon_all", "election88")
 COUNT_TRUTH = {"mu": 1.0, "sigma": 0.5, "beta": 0.5, "phi": 5.0}
 COUNT_GROUPS, COUNT_PER_GROUP = 100, 6
+CROSSED = ("crossed_lm", "crossed_logit")
+CROSSED_TRUTH = {"b0": 0.3, "b_female": -0.1, "b_black": -1.5, "b_v_prev": 0.4}
+CROSSED_TRUTH |= {"sigma_state": 0.4, "sigma_region": 0.3, "sigma_age_edu": 0.3}
+CROSSED_NOISE = 1.0
+ELECTION88_GLOBALS = {"b0": False} | {f"b_{k}": False for k in ("female", "black", "v_prev")}
+ELECTION88_GLOBALS |= {f"sigma_{k}": True for k in ("state", "region", "age_edu")}
 
 
 @dataclass(frozen=True)
@@ -221,6 +233,25 @@ def election88(
 ) -> None:
     """``x``: ``(N, 3)`` columns female, black, standardised v_prev; ``sizes``: the numbers
     of states, regions and age x education groups."""
+    effect = crossed_effects(x, state, region, age_edu, sizes)
+    with pyro.plate("respondents", len(y), dim=-1):
+        pyro.sample("y", dist.Bernoulli(logits=effect), obs=y)
+
+
+def crossed_linear(
+    x: Tensor, y: Tensor, state: Tensor, region: Tensor, age_edu: Tensor, sizes: Tensor
+) -> None:
+    """``election88``'s effects with a normal likelihood of known scale
+    (:data:`CROSSED_NOISE`): given the sigmas, the locals' posterior is exactly Gaussian."""
+    effect = crossed_effects(x, state, region, age_edu, sizes)
+    with pyro.plate("respondents", len(y), dim=-1):
+        pyro.sample("y", dist.Normal(effect, CROSSED_NOISE), obs=y)
+
+
+def crossed_effects(
+    x: Tensor, state: Tensor, region: Tensor, age_edu: Tensor, sizes: Tensor
+) -> Tensor:
+    """The linear predictor of ``election88``'s form, its latents sampled."""
     b0 = pyro.sample("b0", dist.Normal(0.0, 5.0))
     effect = b0
     for k, name in enumerate(("female", "black", "v_prev")):
@@ -233,8 +264,42 @@ def election88(
         with pyro.plate(name, int(size), dim=-1):
             e = pyro.sample(f"e_{name}", dist.Normal(0.0, sigma))
         effect = effect + e[..., index]
-    with pyro.plate("respondents", len(y), dim=-1):
-        pyro.sample("y", dist.Bernoulli(logits=effect), obs=y)
+    return effect
+
+
+def crossed_data(respondents: int, linear: bool, seed: int) -> tuple:
+    """Simulated data of ``election88``'s shape at :data:`CROSSED_TRUTH`: 51 states nested
+    in 5 regions (state ``s`` in region ``s % 5``), 16 age x education cells crossing both,
+    covariates female, black (10%) and a standardised state-level v_prev; the arguments of
+    :func:`crossed_linear` (``linear``) or :func:`election88`."""
+    rng = np.random.default_rng(seed)
+    t = CROSSED_TRUTH
+    sizes = (51, 5, 16)
+    state = rng.integers(0, sizes[0], respondents)
+    region = state % sizes[1]
+    age_edu = rng.integers(0, sizes[2], respondents)
+    v_prev = rng.standard_normal(sizes[0])[state]
+    x = np.stack([rng.random(respondents) < 0.5, rng.random(respondents) < 0.1, v_prev], -1)
+    effect = t["b0"] + x @ np.array([t["b_female"], t["b_black"], t["b_v_prev"]])
+    names = ("state", "region", "age_edu")
+    for name, index, size in zip(names, (state, region, age_edu), sizes, strict=True):
+        effect = effect + t[f"sigma_{name}"] * rng.standard_normal(size)[index]
+    if linear:
+        y = effect + CROSSED_NOISE * rng.standard_normal(respondents)
+    else:
+        y = (rng.random(respondents) < 1 / (1 + np.exp(-effect))).astype(np.float64)
+    index = [torch.from_numpy(i) for i in (state, region, age_edu)]
+    x_ = torch.from_numpy(x.astype(np.float64))
+    return (x_, torch.from_numpy(y), *index, torch.tensor(sizes))
+
+
+def crossed_posterior(linear: bool) -> Posterior:
+    """A simulated posterior of ``election88``'s form: ``crossed_lm`` (normal likelihood, 600
+    respondents) or ``crossed_logit`` (Bernoulli, 3,000), for developing on crossed plates
+    without reading the held-out data."""
+    name, model = ("crossed_lm", crossed_linear) if linear else ("crossed_logit", election88)
+    args = crossed_data(600 if linear else 3000, linear, seed=7)
+    return Posterior(name, model, args, ELECTION88_GLOBALS, ("e_state", "e_region", "e_age_edu"))
 
 
 def election88_posterior() -> Posterior:
@@ -246,10 +311,8 @@ def election88_posterior() -> Posterior:
     index = [torch.tensor(raw[k]) - 1 for k in ("state", "region_full", "age_edu")]
     sizes = torch.tensor([int(i.max()) + 1 for i in index])
     args = (x, torch.tensor(raw["y"], dtype=torch.float64), *index, sizes)
-    positive = {"b0": False} | {f"b_{k}": False for k in ("female", "black", "v_prev")}
-    positive |= {f"sigma_{k}": True for k in ("state", "region", "age_edu")}
     locals_ = ("e_state", "e_region", "e_age_edu")
-    return Posterior("election88", election88, args, positive, locals_)
+    return Posterior("election88", election88, args, ELECTION88_GLOBALS, locals_)
 
 
 LOADERS: dict[str, Callable[[], Posterior]] = {
@@ -261,6 +324,8 @@ LOADERS: dict[str, Callable[[], Posterior]] = {
     "funnel10k": lambda: funnel_posterior(10_000),
     "radon_all": lambda: radon_posterior("radon_all"),
     "election88": election88_posterior,
+    "crossed_lm": lambda: crossed_posterior(linear=True),
+    "crossed_logit": lambda: crossed_posterior(linear=False),
 }
 
 

@@ -30,6 +30,12 @@ Usage (from the repository root)::
     python -m benchmarks.hierarchical_real --posteriors radon_mn --guides normal,hierarchical \\
         --seeds 0,1,2 --steps 2000 --steps-for gaussian=500 --time-limit 300
     python -m benchmarks.hierarchical_real --held-out --posteriors radon_all,election88
+    python -m benchmarks.hierarchical_real --posteriors crossed_lm --seeds 0,1,2 \\
+        --guides normal,hierarchical_uncrossed,hierarchical_largest,hierarchical
+
+The guides ``hierarchical_largest`` and ``hierarchical_uncrossed`` (:data:`VARIANTS`) run only
+when named: ``AutoHierarchicalFlow`` with its crossed groups conditioned largest first, or not
+in sequence at all (each at the others' anchors, as before the sequential conditionals).
 
 The held-out posteriors (``radon_all``, ``election88``) are for one final evaluation: their
 references come from ``python -m benchmarks.hierarchical_references --held-out``.
@@ -63,7 +69,7 @@ from torch import Tensor
 
 from benchmarks import hierarchical_models, hierarchical_real_report, hierarchical_references_io
 from benchmarks.hierarchical import RESULTS, parse_protocol, protocol_parser
-from benchmarks.hierarchical_models import DEV, HELD_OUT, Posterior
+from benchmarks.hierarchical_models import CROSSED, DEV, HELD_OUT, Posterior
 from pyro_flows_ext.infer import (
     AutoCouplingFlow,
     AutoHierarchicalFlow,
@@ -86,6 +92,23 @@ GUIDES: dict[str, Callable[[Posterior], Any]] = {
     "coupling": lambda p: AutoCouplingFlow(p.model, init="loc"),
     "hierarchical": lambda p: AutoHierarchicalFlow(p.model, **_plates(p)),
 }
+
+
+class _LargestFirst(AutoHierarchicalFlow):
+    CROSSED_ORDER = "largest"
+
+
+class _Uncrossed(AutoHierarchicalFlow):
+    CROSSED_ORDER = None
+
+
+VARIANTS: dict[str, Callable[[Posterior], Any]] = {
+    "hierarchical_largest": lambda p: _LargestFirst(p.model, **_plates(p)),
+    "hierarchical_uncrossed": lambda p: _Uncrossed(p.model, **_plates(p)),
+}
+"""Variants of the guides, run only when named: the order of crossed groups (see
+:mod:`pyro_flows_ext.infer.hierarchical.crossed`), and none (the guide before it)."""
+GUIDES |= VARIANTS
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -200,8 +223,8 @@ def limited(fn: Callable[[], dict], seconds: float) -> dict:
 # ------------------------------------------------------------------ driver --------------
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = protocol_parser(__doc__, GUIDES, 2000, RESULTS / "hierarchical_real.json")
-    p.set_defaults(draws=2000)
-    p.add_argument("--posteriors", default=",".join(DEV), help="of " + ", ".join(DEV))
+    p.set_defaults(draws=2000, guides=",".join(k for k in GUIDES if k not in VARIANTS))
+    p.add_argument("--posteriors", default=",".join(DEV), help="of " + ", ".join(DEV + CROSSED))
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--time-limit", type=float, default=600.0, help="seconds per fit")

@@ -82,7 +82,7 @@ def _numpyro_models() -> dict[str, Any]:
         mean = jnp.exp(u + beta * x)
         numpyro.sample("y", nd.NegativeBinomial2(mean, phi).to_event(2), obs=y)
 
-    def election88(x: Any, y: Any, state: Any, region: Any, age_edu: Any, sizes: Any) -> None:
+    def effects(x: Any, state: Any, region: Any, age_edu: Any, sizes: Any) -> Any:
         effect = numpyro.sample("b0", nd.Normal(0.0, 5.0))
         for k, name in enumerate(("female", "black", "v_prev")):
             effect = effect + numpyro.sample(f"b_{name}", nd.Normal(0.0, 5.0)) * x[:, k]
@@ -93,13 +93,25 @@ def _numpyro_models() -> dict[str, Any]:
             with numpyro.plate(name, int(size)):
                 e = numpyro.sample(f"e_{name}", nd.Normal(0.0, sigma))
             effect = effect + e[index]
+        return effect
+
+    def election88(x: Any, y: Any, *index: Any) -> None:
+        effect = effects(x, *index)
         numpyro.sample("y", nd.Bernoulli(logits=effect).to_event(1), obs=y)
 
-    return {"radon": radon, "glm": glm, "counts": counts, "election88": election88}
+    def crossed_lm(x: Any, y: Any, *index: Any) -> None:
+        effect = effects(x, *index)
+        noise = hierarchical_models.CROSSED_NOISE
+        numpyro.sample("y", nd.Normal(effect, noise).to_event(1), obs=y)
+
+    return {
+        "radon": radon, "glm": glm, "counts": counts, "election88": election88,
+        "crossed_lm": crossed_lm,
+    }  # fmt: skip
 
 
 TWINS = {"radon_mn": "radon", "radon_all": "radon", "glm": "glm", "counts": "counts"}
-TWINS["election88"] = "election88"
+TWINS |= {"election88": "election88", "crossed_logit": "election88", "crossed_lm": "crossed_lm"}
 
 
 def nuts(post: Posterior, opts: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict]:

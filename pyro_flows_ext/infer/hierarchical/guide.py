@@ -4,7 +4,6 @@ many plate elements and to subsampled plates (see
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any, cast
@@ -19,6 +18,7 @@ from torch.distributions import Distribution
 
 from pyro_flows_ext.checks import check_bool, hidden_sizes, positive_float, positive_int
 from pyro_flows_ext.infer.guide_state import GuideStateMixin
+from pyro_flows_ext.infer.hierarchical.crossed import crossed_stages
 from pyro_flows_ext.infer.hierarchical.full import Draw, FullPlateDraws
 from pyro_flows_ext.infer.hierarchical.local_flow import (
     LOCAL_CLAMP,
@@ -28,9 +28,10 @@ from pyro_flows_ext.infer.hierarchical.local_flow import (
     check_encoders,
     encode,
     global_flow,
+    group_flow,
     plate_features,
 )
-from pyro_flows_ext.infer.hierarchical.local_prior import LocalPrior, local_priors
+from pyro_flows_ext.infer.hierarchical.local_prior import local_priors
 from pyro_flows_ext.infer.hierarchical.newton import group_conditionals
 from pyro_flows_ext.infer.hierarchical.plates import PlateGroup, PlateStructure, plate_structure
 from pyro_flows_ext.infer.stl import StickingTheLanding
@@ -42,7 +43,7 @@ __all__ = ["AutoHierarchicalFlow"]
 
 Emit = Callable[[str, Tensor, Tensor], Tensor]
 Scope = Callable[[PlateGroup], AbstractContextManager[Any]]
-Conditionals = Callable[[Tensor, dict[int, Tensor]], dict[int, tuple[Tensor, Tensor]]]
+Conditionals = Callable[[Tensor, dict[int, Tensor], list[int]], dict[int, tuple[Tensor, Tensor]]]
 
 
 class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
@@ -81,7 +82,12 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
     approximation otherwise. The network and couplings act in its whitened space. A fresh
     guide is a Gaussian around the ``init_loc_fn`` point in the globals, each local at its
     Newton Gaussian (or, for ``newton=False`` and groups with children, at its prior given the
-    globals times its pseudo-likelihood start, see ``local_prior``).
+    globals times its pseudo-likelihood start, see ``local_prior``). Groups that share a
+    likelihood term (crossed effects: a vote on its state's and its age group's; or a prior
+    indexed by another group) are found at setup and conditioned in sequence, fewest elements
+    first (:attr:`CROSSED_ORDER`, :mod:`~pyro_flows_ext.infer.hierarchical.crossed`): each
+    one's Newton Gaussian at the draws of those before it, one model run per group of the
+    chain, so that every group but the first gets its exact conditional in normal models.
     Its parameters and buffers (embeddings, prior coefficients) live in Pyro's param store
     under the guide's name: after ``pyro.get_param_store().load(path)`` a new guide's first
     call (or a built guide's next one) takes the saved values.
@@ -149,6 +155,11 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
     References: Kingma & Dhariwal (2018), Glow; Durkan et al. (2019), neural spline flows;
     Agrawal & Domke (2021), amortized variational inference for simple hierarchical models.
     """
+
+    CROSSED_ORDER: str | None = "fewest"
+    """The order in which leaf groups that share likelihood terms are conditioned on each
+    other's draws (:mod:`~pyro_flows_ext.infer.hierarchical.crossed`): ``"largest"`` or
+    ``"fewest"`` plate elements first; ``None``: each at the others' anchors, in one run."""
 
     AFFINE_FROM: int = 50
     """Plate elements (all plates) from which the globals' couplings are affine unless
@@ -222,9 +233,11 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
         )
         widths.update({n: self.embedding_dim for n in self.embeddings})
         g0 = s.initial_globals(trace)
+        affine = sum(p.size for p in s.plates.values()) >= self.AFFINE_FROM
+        coupling = self.coupling or coupling_map("affine" if affine else "spline", clamp=self.clamp)
         self.global_flow = nn.ModuleList(
             global_flow(
-                g0, depth=self.depth, coupling=self._global_coupling(),
+                g0, depth=self.depth, coupling=coupling,
                 network=damped_network(self.hidden_dims, self.lr_scale),
                 init_scale=self.init_scale,
             )
@@ -232,38 +245,20 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
         priors = local_priors(
             self._plain_model, trace, s, g0, self.init_scale, args, kwargs, read=self.local_prior
         )
+        hidden = self.local_hidden_dims or LOCAL_HIDDEN
         self.local_flows = nn.ModuleList(
-            self._local_flow(group, prior, widths)
+            group_flow(
+                s, group, prior, widths, set(self.encoders), depth=self.local_depth,
+                hidden_dims=hidden, lr_scale=self.lr_scale, clamp=self.clamp,
+            )
             for group, prior in zip(s.groups, priors, strict=True)
-        )
+        )  # fmt: skip
         self._newton_groups = frozenset(s.leaves if self.newton else ())
+        leaves, order = sorted(self._newton_groups), self.CROSSED_ORDER
+        self._stages = crossed_stages(self._plain_model, s, trace, g0, leaves, order, args, kwargs)
         self._model_nesting = s.model_nesting
         self.register_buffer("_anchor", like.new_zeros(()).detach())
         self.to(dtype=like.dtype, device=like.device)
-
-    def _global_coupling(self) -> ElementwiseMap:
-        if self.coupling is not None:
-            return self.coupling
-        assert self.structure is not None
-        elements = sum(p.size for p in self.structure.plates.values())
-        kind = "affine" if elements >= self.AFFINE_FROM else "spline"
-        return coupling_map(kind, clamp=self.clamp)
-
-    def _local_flow(
-        self, group: PlateGroup, prior: LocalPrior, widths: dict[str, int]
-    ) -> LocalFlow:
-        assert self.structure is not None
-        groups = self.structure.groups
-        context = self.structure.global_dim + sum(groups[j].dim for j in group.parents)
-        context += sum(widths[p.name] for p in group.plates)
-        amortised = any(p.name in self.encoders for p in group.plates)
-        grid = None if amortised else group.grid({p.name: p.size for p in group.plates})
-        hidden = self.local_hidden_dims or LOCAL_HIDDEN
-        return LocalFlow(
-            group.dim, context, grid, prior, depth=self.local_depth, hidden_dims=hidden,
-            lr_scale=self.lr_scale, clamp=self.clamp,
-            element_rate=math.prod(p.rate for p in group.plates),
-        )  # fmt: skip
 
     def _aux(self, block: str) -> str:
         return f"_{self._pyro_name}_{block}"
@@ -292,14 +287,23 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
         return dist.TransformedDistribution(base, transforms)
 
     def _conditionals(
-        self, g: Tensor, blocks: dict[int, Tensor], indices: dict[str, Tensor], *run: Any
+        self,
+        g: Tensor,
+        blocks: dict[int, Tensor],
+        indices: dict[str, Tensor],
+        args: tuple,
+        kwargs: dict,
+        chunked: bool = False,
+        targets: list[int] | None = None,
     ) -> dict[int, tuple[Tensor, Tensor]]:
-        """The Newton groups' Gaussians; ``run``: the model's ``args, kwargs`` and whether
-        to read the full plates in chunks (:func:`group_conditionals`)."""
+        """The Newton groups' Gaussians (of ``targets``, default all), for the model's
+        ``args, kwargs``, read over the full plates in chunks with ``chunked``
+        (:func:`group_conditionals`)."""
         assert self.structure is not None
-        groups = {i: self.local_flows[i] for i in sorted(self._newton_groups)}
+        groups = {i: self.local_flows[i] for i in sorted(self._newton_groups - set(blocks))}
         model, s = self._plain_model, self.structure
-        return group_conditionals(model, s, groups, g, blocks, indices, *run)
+        run = (args, kwargs, chunked)
+        return group_conditionals(model, s, groups, g, blocks, indices, *run, targets=targets)
 
     def _features(self, indices: dict[str, Tensor], args: tuple, kwargs: dict) -> dict[str, Tensor]:
         assert self.structure is not None
@@ -316,7 +320,8 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
         conditionals: Conditionals,
     ) -> dict[str, Tensor]:
         """Draw the globals, then each group given the globals and its parents (the Newton
-        groups last, from ``conditionals(g, blocks)``); ``draw`` samples a block (told
+        groups last, from ``conditionals(g, blocks, targets)``, one call per stage of
+        :mod:`~pyro_flows_ext.infer.hierarchical.crossed`); ``draw`` samples a block (told
         whether it is the first draw of its chain), ``emit`` turns a site's value into the
         result, ``scope`` enters a group's plates."""
         s = self.structure
@@ -331,14 +336,17 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
         blocks: dict[int, Tensor] = {}
         gaussians: dict[int, tuple[Tensor, Tensor]] = {}
         fixed: dict[int, tuple[Tensor, Tensor]] = {}  # at the detached context, for STL
-        for i in sorted(range(len(s.groups)), key=lambda k: k in self._newton_groups):
+        stage = self._stages
+        for i in sorted(range(len(s.groups)), key=lambda k: (k in stage, stage.get(k, 0))):
             group = s.groups[i]
             parts = [centred] if s.global_dim else []
             parts += [blocks[j] for j in group.parents] + [feats[p.name] for p in group.plates]
-            if i in self._newton_groups and not gaussians:  # outside the plates: runs the model
-                gaussians = conditionals(g, blocks)
+            if i in stage and i not in gaussians:  # outside the plates: runs the model
+                targets = [k for k in sorted(stage) if stage[k] == stage[i]]
+                gaussians.update(conditionals(g, blocks, targets))
                 if self.stl:
-                    fixed = conditionals(g.detach(), {k: b.detach() for k, b in blocks.items()})
+                    detached = {k: b.detach() for k, b in blocks.items()}
+                    fixed.update(conditionals(g.detach(), detached, targets))
             with scope(group):
                 fresh = not s.global_dim and not group.parents  # no draw in its context yet
                 q = self._local_dist(i, parts, g, indices, gaussians.get(i))
@@ -377,8 +385,8 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
                 stack.enter_context(plates[p.name])
             return stack
 
-        def conditionals(g: Tensor, blocks: dict[int, Tensor]) -> dict[int, Any]:
-            return self._conditionals(g, blocks, indices, args, kwargs)
+        def conditionals(g: Tensor, blocks: dict[int, Tensor], to: list[int]) -> dict[int, Any]:
+            return self._conditionals(g, blocks, indices, args, kwargs, targets=to)
 
         return self._walk(indices, feats, draw, emit, scope, conditionals)
 
@@ -390,8 +398,8 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
         indices = {n: torch.arange(p.size, device=device) for n, p in self.structure.plates.items()}
         feats = self._features(indices, args, kwargs)
 
-        def conditionals(g: Tensor, blocks: dict[int, Tensor]) -> dict[int, Any]:
-            return self._conditionals(g, blocks, indices, args, kwargs, True)
+        def conditionals(g: Tensor, blocks: dict[int, Tensor], to: list[int]) -> dict[int, Any]:
+            return self._conditionals(g, blocks, indices, args, kwargs, True, targets=to)
 
         return self._walk(
             indices, feats, draw, lambda n, v, ld: v, lambda g: nullcontext(), conditionals

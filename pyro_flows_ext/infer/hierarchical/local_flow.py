@@ -15,7 +15,7 @@ from torch.distributions.transforms import AffineTransform
 from pyro_flows_ext.checks import positive_float, positive_int
 from pyro_flows_ext.infer.hierarchical.local_prior import LocalPrior
 from pyro_flows_ext.infer.hierarchical.newton import PrecisionAffine
-from pyro_flows_ext.infer.hierarchical.plates import PlateInfo
+from pyro_flows_ext.infer.hierarchical.plates import PlateGroup, PlateInfo, PlateStructure
 from pyro_flows_ext.infer.stl import StickingTheLanding
 from pyro_flows_ext.infer.vector.steps import coupling_steps, damped_network
 from pyro_flows_ext.nn import LR_SCALE, DampedMLP
@@ -39,6 +39,7 @@ __all__ = [
     "check_encoders",
     "encode",
     "global_flow",
+    "group_flow",
     "plate_features",
 ]
 
@@ -275,6 +276,26 @@ def global_flow(
 
     steps = coupling_steps(dim, depth, step, lambda: [PermuteTransform(dim)])
     return [*steps, LowerAffine(dim, center.cpu(), init_scale=init_scale)]
+
+
+def group_flow(
+    structure: PlateStructure,
+    group: PlateGroup,
+    prior: LocalPrior,
+    widths: dict[str, int],
+    encoded: set[str],
+    **options: Any,
+) -> LocalFlow:
+    """The :class:`LocalFlow` of ``group``: its context is the globals, its parents' locals
+    and each of its plates' features (``widths``: plate -> feature size); shared by every
+    element (no per-element parameters) when one of its plates is ``encoded``. ``options``:
+    :class:`LocalFlow`'s keywords."""
+    context = structure.global_dim + sum(structure.groups[j].dim for j in group.parents)
+    context += sum(widths[p.name] for p in group.plates)
+    amortised = any(p.name in encoded for p in group.plates)
+    grid = None if amortised else group.grid({p.name: p.size for p in group.plates})
+    rate = math.prod(p.rate for p in group.plates)
+    return LocalFlow(group.dim, context, grid, prior, element_rate=rate, **options)
 
 
 def check_encoders(encoders: Any) -> dict[str, Callable[..., Tensor]]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -303,12 +303,15 @@ def group_conditionals(
     args: tuple,
     kwargs: dict,
     chunked: bool = False,
+    targets: Collection[int] | None = None,
 ) -> dict[int, tuple[Tensor, Tensor]]:
     """The Newton Gaussians of the groups ``k`` of ``flows`` (their
     :class:`~pyro_flows_ext.infer.hierarchical.local_flow.LocalFlow`) at the globals ``g``
     and the other groups' draws ``blocks``, for the elements ``indices`` (the plates'
     subsample; with ``chunked``, the full plates, read in chunks of the model's subsample
-    sizes). Each starts at, and falls back to, its flow's learned Gaussian at ``g``."""
+    sizes). Each starts at, and falls back to, its flow's learned Gaussian at ``g``. With
+    ``targets``, only those groups' (the other groups of ``flows`` sit at their learned
+    Gaussians' means)."""
     sizes = {n: len(i) for n, i in indices.items()}
     anchors = {}
     for k, flow in flows.items():
@@ -318,6 +321,8 @@ def group_conditionals(
         shape += (group.dim,)
         anchors[k] = (loc.expand(shape), log_scale.expand(shape))
     every = [blocks[k] if k in blocks else anchors[k][0] for k in range(len(structure.groups))]
+    if targets is not None:
+        anchors = {k: anchors[k] for k in targets}
     if chunked and any(p.subsample_size < p.size for p in structure.plates.values()):
         return chunked_newton_conditionals(model, structure, g, every, anchors, args, kwargs)
     return newton_conditionals(model, structure, g, every, anchors, indices, args, kwargs)
