@@ -17,8 +17,8 @@ decaying exponentially from ``lr0`` to ``lr1``, ``Trace_ELBO`` with ``particles`
 particles, seed 0, one run, on one thread. ``--optims clipped,lazy`` runs every guide also with
 :class:`~pyro_flows_ext.optim.LazyClippedAdam` (``fit_guide``'s optimiser: a subsampled step
 updates only its rows of the per-element parameters; rows ``guide (lazy)``), so that the two
-updates' step times and accuracies come from the same run. With ``G:B`` in ``--sizes`` the model subsamples
-``B`` groups per step (``pyro.plate(..., subsample_size=B)``); AutoNormal and
+updates' step times and accuracies come from the same run. With ``G:B`` in ``--sizes`` the
+model subsamples ``B`` groups per step (``pyro.plate(..., subsample_size=B)``); AutoNormal and
 AutoHierarchicalFlow support that. For each guide it reports the largest |mean error| / sd and
 |log sd ratio| over all latents (``mu``, ``log tau``, every ``theta_g``: the unconstrained
 space) and over the globals alone, estimated from ``--draws`` guide draws, the time per step,
@@ -29,7 +29,8 @@ Usage (from the repository root)::
     python -m benchmarks.hierarchical                      # the default sizes and guides
     python -m benchmarks.hierarchical --sizes 8,1000 --steps 500 --guides normal,hierarchical
     python -m benchmarks.hierarchical --sizes 100000:1000 --guides normal,hierarchical
-    python -m benchmarks.hierarchical --sizes 100000:1000 --guides hierarchical --optims clipped,lazy
+    python -m benchmarks.hierarchical --sizes 100000:1000 --guides hierarchical \
+        --optims clipped,lazy
 
 The table is printed and written to ``benchmarks/results/hierarchical.md`` (``--out``).
 """
@@ -109,7 +110,8 @@ def exact_moments(y: Tensor, s: Tensor, grid: int = 4000, chunk: int = 10_000) -
         prec_t = 1 / tau2 + 1 / sc**2
         m_theta = (mu_hat / tau2 + yc / sc**2) / prec_t
         thetas.append(mix(m_theta, 1 / prec_t + (1 / (tau2 * prec_t)) ** 2 * v_mu))
-    out = {"theta_mean": torch.cat([m for m, _ in thetas]), "theta_sd": torch.cat([sd for _, sd in thetas])}
+    out = {"theta_mean": torch.cat([m for m, _ in thetas])}
+    out["theta_sd"] = torch.cat([sd for _, sd in thetas])
     for name, (m, v) in {"mu": (mu_hat, v_mu), "log_tau": (lt, torch.zeros_like(lt))}.items():
         out[name + "_mean"], out[name + "_sd"] = mix(m, v)
     return out
@@ -257,9 +259,10 @@ def table(rows: list[dict], opts: argparse.Namespace) -> str:
         "log sd (globals) | ms/step | CPU s | params |"
     )
     lines = [
-        f"Protocol: {opts.steps} steps of ClippedAdam ('(lazy)': LazyClippedAdam), lr {opts.lr0:g} -> {opts.lr1:g} "
-        f"(exponential), Trace_ELBO with {opts.particles} vectorised particles, float32, one "
-        f"thread, seed 0, one run; moments from {opts.draws} guide draws.",
+        f"Protocol: {opts.steps} steps of ClippedAdam ('(lazy)': LazyClippedAdam), lr "
+        f"{opts.lr0:g} -> {opts.lr1:g} (exponential), Trace_ELBO with {opts.particles} "
+        f"vectorised particles, float32, one thread, seed 0, one run; moments from "
+        f"{opts.draws} guide draws.",
         "",
         head,
         "|" + " --- |" * 10,
