@@ -166,8 +166,7 @@ class LazyClippedAdam(Optimizer):
     def _lazy(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         width = p.shape[-1]
         grad = p.grad.view(-1, width)  # type: ignore[union-attr]
-        # the rows whose |gradient| sums to more than 0 (a product is the fastest such scan)
-        rows = torch.mv(grad.abs(), grad.new_ones(width)).nonzero().squeeze(1)
+        rows = grad.any(dim=1).nonzero().squeeze(1)  # the rows with a non-zero gradient
         if not len(rows):
             return
         value, row_step = p.view(-1, width), state["row_step"]
