@@ -1,8 +1,8 @@
 """``fit_guide``: fit any Pyro guide by SVI with the recommended protocol, in one call.
 
 The protocol (Agrawal, Sheldon & Domke 2020; Agrawal & Domke 2024; the one behind
-``benchmarks/posteriors``): Adam (:class:`pyro.optim.ClippedAdam`, clipping off) with a step
-size decaying exponentially from ``lr`` to ``lr_end`` over ``steps``,
+``benchmarks/posteriors``): Adam (:class:`pyro.optim.ClippedAdam`'s update, clipping off) with a
+step size decaying exponentially from ``lr`` to ``lr_end`` over ``steps``,
 
 .. math:: \\eta_t = \\eta_0 \\, (\\eta_{\\mathrm{end}} / \\eta_0)^{t / T},
 
@@ -13,6 +13,13 @@ uses sticking the landing). The ELBO estimates are smoothed by an exponential mo
 stopping watches. Stopping at once leaves the parameters where a large step size put them
 (they jitter around the optimum); with ``cooldown`` the fit instead spends that many more
 steps decaying the step size from where it stands to ``lr_end``, then stops.
+
+The optimiser is :class:`~pyro_flows_ext.optim.LazyClippedAdam`: ``ClippedAdam`` to the bit
+for every parameter of a guide without subsampled plates, but on the per-element parameters of
+a guide over a subsampled plate (:class:`~pyro_flows_ext.infer.AutoHierarchicalFlow`'s
+embeddings and pseudo-likelihoods) a step updates only the rows of the step's subsample, and
+their moments, with bias corrections per row: the optimiser's work is ``O(B)``, and a row does
+not keep moving on its momentum while it is out of the batch.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.util import zero_grads
 
 from pyro_flows_ext.checks import check_bool, positive_float, positive_int
+from pyro_flows_ext.optim import lazy_clipped_adam
 from pyro_flows_ext.train import History, TrainingDivergedError
 
 __all__ = ["fit_guide"]
@@ -95,6 +103,7 @@ def fit_guide(
     max_plate_nesting: int | None = None,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    lazy: bool = True,
     **kwargs: Any,
 ) -> History:
     """Fit ``guide`` to ``model`` by SVI with the recommended protocol (module docstring).
@@ -120,6 +129,9 @@ def fit_guide(
         progress: show a tqdm bar with the smoothed ELBO.
         callback: ``callback(steps_taken, loss)`` after every step (its time counts in the
             history's seconds).
+        lazy: update the per-element rows of subsampled plates lazily (module docstring);
+            ``False``: :class:`pyro.optim.ClippedAdam` for every parameter (every row's
+            moments and value move at every step).
 
     Returns:
         the :class:`~pyro_flows_ext.train.History` (``loss``: the negative ELBO estimate of
@@ -144,7 +156,7 @@ def fit_guide(
     for name, fn in (("model", model), ("guide", guide)):
         if not callable(fn):
             raise TypeError(f"{name} must be a callable Pyro program, got {type(fn).__name__}")
-    flags = {"vectorize_particles": vectorize_particles, "progress": progress}
+    flags = {"vectorize_particles": vectorize_particles, "progress": progress, "lazy": lazy}
     _check(steps, lr, lr_end, num_particles, patience, min_delta, smoothing, flags)
     if cooldown is not None:
         positive_int("cooldown", cooldown)
@@ -156,9 +168,8 @@ def fit_guide(
         raise TypeError(f"callback must be callable(steps_taken, loss), got {callback!r}")
     if max_plate_nesting is not None:
         positive_int("max_plate_nesting", max_plate_nesting, minimum=0)
-    optim = pyro.optim.ClippedAdam(
-        {"lr": lr, "lrd": (lr_end / lr) ** (1.0 / steps), "clip_norm": math.inf}
-    )
+    options = {"lr": lr, "lrd": (lr_end / lr) ** (1.0 / steps), "clip_norm": math.inf}
+    optim = lazy_clipped_adam(options) if lazy else pyro.optim.ClippedAdam(options)
     nesting = math.inf if max_plate_nesting is None else max_plate_nesting
     vectorize = vectorize_particles and num_particles > 1
     elbo = Trace_ELBO(
@@ -196,7 +207,7 @@ class _AfterStep:
         if self.cooldown is None:
             return True
         history.cooldown_from, self.end = taken, taken + self.cooldown
-        for optimizer in svi.optim.optim_objs.values():  # ClippedAdam: lr *= lrd each step
+        for optimizer in svi.optim.optim_objs.values():  # lr *= lrd each step
             for group in optimizer.param_groups:
                 group["lrd"] = min(1.0, (self.lr_end / group["lr"]) ** (1.0 / self.cooldown))
         return False

@@ -71,6 +71,9 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
     ``N / B``, as for ``AutoNormal``). They learn at ``B / N`` of the step size: Adam's
     momentum turns each visit into some thirty steps of movement along one noisy gradient,
     which at full rate drove the globals of a 100,000-group funnel subsampled by 1,000 far off.
+    Those of a subsampled plate are marked for
+    :class:`~pyro_flows_ext.optim.LazyClippedAdam` (``fit_guide``'s optimiser), which then
+    updates only the subsample's rows and their Adam moments.
 
     Newton conditionals (``newton``, the default), for every group that no other group nests
     in: after each draw of the globals (and enclosing groups), one run of the model at each

@@ -19,6 +19,7 @@ from pyro_flows_ext.infer.hierarchical.plates import PlateGroup, PlateInfo, Plat
 from pyro_flows_ext.infer.stl import StickingTheLanding
 from pyro_flows_ext.infer.vector.steps import coupling_steps, damped_network
 from pyro_flows_ext.nn import LR_SCALE, DampedMLP
+from pyro_flows_ext.optim import mark_per_element
 from pyro_flows_ext.transforms import (
     AffineMap,
     ElementwiseMap,
@@ -178,11 +179,15 @@ class LocalFlow(nn.Module):
         self, plates: Sequence[PlateInfo], indices: dict[str, Tensor]
     ) -> tuple[Tensor, ...]:
         """The per-element pseudo-likelihood and prior tensors at the plates' (subsample)
-        ``indices``: only those rows are used, so only they get a gradient."""
+        ``indices``: only those rows are used, so only they get a gradient (and, for a
+        subsampled plate and :class:`~pyro_flows_ext.optim.LazyClippedAdam`, an update)."""
         named: list[Tensor] = [self.pseudo_loc_raw, self.pseudo_log_prec_raw]
         named += [self.prior_loc, self.prior_log_scale]
         params = [*named, self.prior_coef]
         if self.per_element:
+            if self.element_rate < 1:  # subsampled: a step updates only these rows
+                mark_per_element(self.pseudo_loc_raw)
+                mark_per_element(self.pseudo_log_prec_raw)
             for p in plates:
                 index = indices[p.name].to(self.pseudo_loc_raw.device)
                 for k, t in enumerate(params):
@@ -341,14 +346,17 @@ def plate_features(
     kwargs: dict,
 ) -> dict[str, Tensor]:
     """Each plate's per-element features at ``indices`` (its encoder's rows, or its learned
-    embedding's, read at the plate's rate ``B / N``), placed at the plate's dim, in
-    ``like``'s dtype and device."""
+    embedding's, read at the plate's rate ``B / N`` and, for a subsampled plate, marked for
+    :class:`~pyro_flows_ext.optim.LazyClippedAdam`), placed at the plate's dim, in ``like``'s
+    dtype and device."""
     out = {}
     for name, plate in plates.items():
         if name in encoders:
             table, scale = encode(encoders[name], name, plate.size, args, kwargs), 1.0
         else:
             table, scale = embeddings[name], plate.rate
+            if scale < 1:  # subsampled: a step updates only these rows
+                mark_per_element(table)
         rows = table.to(like).index_select(0, indices[name].to(table.device)) * scale
         out[name] = rows.reshape((len(rows),) + (1,) * (-plate.dim - 1) + rows.shape[-1:])
     return out
