@@ -113,6 +113,44 @@ def test_cooldown_reaches_lr_end(monkeypatch: pytest.MonkeyPatch) -> None:
     assert lrs[-1] == pytest.approx(1e-3, rel=1e-6) and max(lrs) > 1e-2
 
 
+class _Declares(AutoNormal):
+    """A guide that says how many steps fit_guide should take by default."""
+
+    answer: Any = 7
+
+    def fit_steps(self, *args: Any, **kwargs: Any) -> Any:
+        self.seen = args
+        return self.answer
+
+
+def test_default_steps_are_the_guides_fit_steps() -> None:
+    guide = _Declares(gaussian)
+    history = fit_guide(gaussian, guide, torch.ones(2), num_particles=1, progress=False)
+    assert len(history.loss) == 7 and len(guide.seen) == 1  # asked with the model's arguments
+
+
+def test_default_steps_without_fit_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pyro_flows_ext.infer.fitting.svi.DEFAULT_STEPS", 9)
+    history = fit_guide(gaussian, AutoNormal(gaussian), torch.ones(2), num_particles=1,
+                        progress=False)  # fmt: skip
+    assert len(history.loss) == 9
+
+
+@pytest.mark.parametrize(("value", "error"), [(0, ValueError), (2.5, TypeError)])
+def test_a_bad_fit_steps_is_reported(value: Any, error: type) -> None:
+    guide = _Declares(gaussian)
+    guide.answer = value
+    with pytest.raises(error, match="fit_steps"):
+        fit_guide(gaussian, guide, torch.ones(2), progress=False)
+
+
+def test_coupling_flow_takes_fewer_steps_from_its_laplace_start() -> None:
+    y = torch.tensor([1.0, 2.5, 0.5, 2.0])
+    laplace = AutoCouplingFlow(gaussian, depth=1)
+    assert laplace.fit_steps(y) == 1000 and laplace.init_info["method"] == "laplace"
+    assert AutoCouplingFlow(gaussian, depth=1, init="loc").fit_steps(y) == 3000
+
+
 def test_callback_sees_every_step() -> None:
     seen: list[tuple[int, float]] = []
     history = fit_guide(gaussian, AutoNormal(gaussian), torch.ones(2), steps=7, progress=False,

@@ -32,7 +32,11 @@ from pyro.infer.util import zero_grads
 from pyro_flows_ext.checks import check_bool, positive_float, positive_int
 from pyro_flows_ext.train import History, TrainingDivergedError
 
-__all__ = ["fit_guide"]
+__all__ = ["DEFAULT_STEPS", "fit_guide"]
+
+DEFAULT_STEPS = 3000
+"""``fit_guide``'s number of steps for a guide that does not say how many it needs (a guide
+started at a point, like ``AutoNormal`` or ``AutoIAFNormal``)."""
 
 
 class _Smoother:
@@ -55,8 +59,20 @@ class _Smoother:
         return value
 
 
+def _default_steps(guide: Any, args: tuple, kwargs: dict) -> int:
+    """The guide's own ``fit_steps(*args, **kwargs)`` where it has that method (a guide that
+    starts close to the posterior needs fewer steps than one started at a point), else
+    :data:`DEFAULT_STEPS`."""
+    fit_steps = getattr(guide, "fit_steps", None)
+    if fit_steps is None:
+        return DEFAULT_STEPS
+    if not callable(fit_steps):
+        raise TypeError(f"the guide's fit_steps must be a method, got {fit_steps!r}")
+    return positive_int("the guide's fit_steps()", fit_steps(*args, **kwargs))
+
+
 def _check(
-    steps: int,
+    steps: int | None,
     lr: float,
     lr_end: float,
     num_particles: int,
@@ -65,7 +81,8 @@ def _check(
     smoothing: float,
     flags: dict[str, Any],
 ) -> None:
-    positive_int("steps", steps)
+    if steps is not None:
+        positive_int("steps", steps)
     positive_float("lr", lr)
     positive_float("lr_end", lr_end)
     positive_int("num_particles", num_particles)
@@ -83,7 +100,7 @@ def fit_guide(
     model: Callable[..., Any],
     guide: Callable[..., Any],
     *args: Any,
-    steps: int = 3000,
+    steps: int | None = None,
     lr: float = 5e-2,
     lr_end: float = 1e-4,
     num_particles: int = 16,
@@ -104,7 +121,12 @@ def fit_guide(
             :class:`~pyro_flows_ext.infer.AutoCouplingFlow`, ...), both called with
             ``*args, **kwargs`` (so the model cannot take keywords named like the options
             below). Its parameters live in Pyro's param store, as with ``SVI``.
-        steps: optimisation steps at most.
+        steps: optimisation steps at most; the step-size schedule spans them. ``None``
+            (default): ``guide.fit_steps(*args, **kwargs)`` where the guide has that method
+            (:meth:`AutoCouplingFlow.fit_steps
+            <pyro_flows_ext.infer.AutoCouplingFlow.fit_steps>` builds the guide and says
+            1,000 when it starts at the Laplace approximation, else 3,000), otherwise
+            :data:`DEFAULT_STEPS` (3,000).
         lr, lr_end: the step size decays exponentially from ``lr`` to ``lr_end``.
         num_particles: ELBO particles per step.
         vectorize_particles: draw the particles under one particle plate (the model and
@@ -156,6 +178,9 @@ def fit_guide(
         raise TypeError(f"callback must be callable(steps_taken, loss), got {callback!r}")
     if max_plate_nesting is not None:
         positive_int("max_plate_nesting", max_plate_nesting, minimum=0)
+    clock = time.perf_counter(), time.process_time()  # a guide's start counts in the fit
+    if steps is None:
+        steps = _default_steps(guide, args, kwargs)
     optim = pyro.optim.ClippedAdam(
         {"lr": lr, "lrd": (lr_end / lr) ** (1.0 / steps), "clip_norm": math.inf}
     )
@@ -166,7 +191,8 @@ def fit_guide(
     )
     svi = SVI(model, guide, optim, elbo)
     stop = _AfterStep(patience, cooldown, lr_end, callback)
-    return _run(svi, steps, _Smoother(smoothing, min_delta), stop, progress, args, kwargs)
+    smoother = _Smoother(smoothing, min_delta)
+    return _run(svi, steps, smoother, stop, progress, clock, (args, kwargs))
 
 
 class _AfterStep:
@@ -208,13 +234,14 @@ def _run(
     smoother: _Smoother,
     stop: _AfterStep,
     progress: bool,
-    args: tuple,
-    kwargs: dict,
+    clock: tuple[float, float],
+    arguments: tuple[tuple, dict],
 ) -> History:
+    """The loop; ``clock``: the wall and CPU times at which the fit started."""
     from tqdm.auto import tqdm
 
     history = History()
-    start, start_cpu = time.perf_counter(), time.process_time()
+    args, kwargs = arguments
     every = max(1, steps // 200)
     with tqdm(total=steps, disable=not progress, unit="step", desc="fit_guide") as bar:
         for step in range(steps):
@@ -229,8 +256,8 @@ def _run(
                 history.stopped_early = True
                 break
         bar.update(len(history.loss) - bar.n)
-    history.seconds = time.perf_counter() - start
-    history.cpu_seconds = time.process_time() - start_cpu
+    history.seconds = time.perf_counter() - clock[0]
+    history.cpu_seconds = time.process_time() - clock[1]
     return history
 
 
