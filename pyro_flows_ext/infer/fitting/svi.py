@@ -32,11 +32,11 @@ from pyro.infer.util import zero_grads
 from pyro_flows_ext.checks import check_bool, positive_float, positive_int
 from pyro_flows_ext.train import History, TrainingDivergedError
 
-__all__ = ["DEFAULT_STEPS", "fit_guide"]
+__all__ = ["FIT_DEFAULTS", "fit_guide"]
 
-DEFAULT_STEPS = 3000
-"""``fit_guide``'s number of steps for a guide that does not say how many it needs (a guide
-started at a point, like ``AutoNormal`` or ``AutoIAFNormal``)."""
+FIT_DEFAULTS = {"steps": 3000, "num_particles": 16}
+"""``fit_guide``'s ``steps`` and ``num_particles`` for a guide without ``fit_defaults`` (a
+guide started at a point, like ``AutoNormal`` or ``AutoIAFNormal``)."""
 
 
 class _Smoother:
@@ -59,23 +59,31 @@ class _Smoother:
         return value
 
 
-def _default_steps(guide: Any, args: tuple, kwargs: dict) -> int:
-    """The guide's own ``fit_steps(*args, **kwargs)`` where it has that method (a guide that
-    starts close to the posterior needs fewer steps than one started at a point), else
-    :data:`DEFAULT_STEPS`."""
-    fit_steps = getattr(guide, "fit_steps", None)
-    if fit_steps is None:
-        return DEFAULT_STEPS
-    if not callable(fit_steps):
-        raise TypeError(f"the guide's fit_steps must be a method, got {fit_steps!r}")
-    return positive_int("the guide's fit_steps()", fit_steps(*args, **kwargs))
+def _guide_defaults(guide: Any, args: tuple, kwargs: dict) -> dict[str, int]:
+    """:data:`FIT_DEFAULTS` updated by the guide's ``fit_defaults(*args, **kwargs)`` where it
+    has that method (a guide that starts close to the posterior needs fewer steps than one
+    started at a point)."""
+    method = getattr(guide, "fit_defaults", None)
+    if method is None:
+        return dict(FIT_DEFAULTS)
+    if not callable(method):
+        raise TypeError(f"the guide's fit_defaults must be a method, got {method!r}")
+    asked = method(*args, **kwargs)
+    if not isinstance(asked, dict) or not set(asked) <= set(FIT_DEFAULTS):
+        raise TypeError(
+            f"the guide's fit_defaults() must return a dict with keys from "
+            f"{sorted(FIT_DEFAULTS)}, got {asked!r}"
+        )
+    for name, value in asked.items():
+        positive_int(f"the guide's fit_defaults()[{name!r}]", value)
+    return {**FIT_DEFAULTS, **asked}
 
 
 def _check(
     steps: int | None,
     lr: float,
     lr_end: float,
-    num_particles: int,
+    num_particles: int | None,
     patience: int | None,
     min_delta: float,
     smoothing: float,
@@ -85,7 +93,8 @@ def _check(
         positive_int("steps", steps)
     positive_float("lr", lr)
     positive_float("lr_end", lr_end)
-    positive_int("num_particles", num_particles)
+    if num_particles is not None:
+        positive_int("num_particles", num_particles)
     if patience is not None:
         positive_int("patience", patience)
     positive_float("min_delta", min_delta, allow_zero=True)
@@ -103,7 +112,7 @@ def fit_guide(
     steps: int | None = None,
     lr: float = 5e-2,
     lr_end: float = 1e-4,
-    num_particles: int = 16,
+    num_particles: int | None = None,
     vectorize_particles: bool = True,
     patience: int | None = None,
     cooldown: int | None = None,
@@ -122,13 +131,15 @@ def fit_guide(
             ``*args, **kwargs`` (so the model cannot take keywords named like the options
             below). Its parameters live in Pyro's param store, as with ``SVI``.
         steps: optimisation steps at most; the step-size schedule spans them. ``None``
-            (default): ``guide.fit_steps(*args, **kwargs)`` where the guide has that method
-            (:meth:`AutoCouplingFlow.fit_steps
-            <pyro_flows_ext.infer.AutoCouplingFlow.fit_steps>` builds the guide and says
-            1,000 when it starts at the Laplace approximation, else 3,000), otherwise
-            :data:`DEFAULT_STEPS` (3,000).
+            (default): the guide's recommendation, ``guide.fit_defaults(*args,
+            **kwargs)["steps"]`` where it has that method
+            (:meth:`AutoCouplingFlow.fit_defaults
+            <pyro_flows_ext.infer.AutoCouplingFlow.fit_defaults>` builds the guide and asks
+            for 1,000 steps of 32 particles when it starts at the Laplace approximation),
+            else :data:`FIT_DEFAULTS` (3,000).
         lr, lr_end: the step size decays exponentially from ``lr`` to ``lr_end``.
-        num_particles: ELBO particles per step.
+        num_particles: ELBO particles per step; ``None`` (default): the guide's
+            recommendation as for ``steps``, else 16.
         vectorize_particles: draw the particles under one particle plate (the model and
             guide must vectorise); ``False`` loops.
         patience: stop when the smoothed ELBO has not improved on its best by more than
@@ -179,8 +190,10 @@ def fit_guide(
     if max_plate_nesting is not None:
         positive_int("max_plate_nesting", max_plate_nesting, minimum=0)
     clock = time.perf_counter(), time.process_time()  # a guide's start counts in the fit
-    if steps is None:
-        steps = _default_steps(guide, args, kwargs)
+    if steps is None or num_particles is None:
+        defaults = _guide_defaults(guide, args, kwargs)
+        steps = defaults["steps"] if steps is None else steps
+        num_particles = defaults["num_particles"] if num_particles is None else num_particles
     optim = pyro.optim.ClippedAdam(
         {"lr": lr, "lrd": (lr_end / lr) ** (1.0 / steps), "clip_norm": math.inf}
     )
