@@ -12,6 +12,7 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_flows_ext.infer import AutoCouplingFlow, fit_guide
+from pyro_flows_ext.infer.fitting.svi import FIT_DEFAULTS
 from pyro_flows_ext.train import History, TrainingDivergedError
 
 
@@ -136,8 +137,10 @@ def test_defaults_are_the_guides_recommendation(monkeypatch: pytest.MonkeyPatch)
     history = fit_guide(gaussian, guide, torch.ones(2), progress=False)
     assert len(history.loss) == 7 and particles == [3]
     assert len(guide.seen) == 1  # asked with the model's arguments
-    history = fit_guide(gaussian, guide, torch.ones(2), steps=4, num_particles=2, progress=False)
-    assert len(history.loss) == 4 and particles == [3, 2]  # explicit values win
+    history = fit_guide(gaussian, guide, torch.ones(2), num_particles=2, progress=False)
+    assert len(history.loss) == 7 and particles == [3, 2]  # an explicit value wins
+    history = fit_guide(gaussian, guide, torch.ones(2), steps=4, progress=False)
+    assert len(history.loss) == 4 and particles == [3, 2, FIT_DEFAULTS["num_particles"]]
 
 
 def test_defaults_without_fit_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -138,8 +138,8 @@ def fit_guide(
             for 1,000 steps of 32 particles when it starts at the Laplace approximation),
             else :data:`FIT_DEFAULTS` (3,000).
         lr, lr_end: the step size decays exponentially from ``lr`` to ``lr_end``.
-        num_particles: ELBO particles per step; ``None`` (default): the guide's
-            recommendation as for ``steps``, else 16.
+        num_particles: ELBO particles per step; ``None`` (default): with ``steps`` left
+            ``None`` the guide's recommendation as for ``steps``, else 16.
         vectorize_particles: draw the particles under one particle plate (the model and
             guide must vectorise); ``False`` loops.
         patience: stop when the smoothed ELBO has not improved on its best by more than
@@ -190,10 +190,10 @@ def fit_guide(
     if max_plate_nesting is not None:
         positive_int("max_plate_nesting", max_plate_nesting, minimum=0)
     clock = time.perf_counter(), time.process_time()  # a guide's start counts in the fit
-    if steps is None or num_particles is None:
-        defaults = _guide_defaults(guide, args, kwargs)
-        steps = defaults["steps"] if steps is None else steps
-        num_particles = defaults["num_particles"] if num_particles is None else num_particles
+    # the guide recommends steps and particles together: with ``steps`` given, 16 particles
+    defaults = FIT_DEFAULTS if steps is not None else _guide_defaults(guide, args, kwargs)
+    steps = defaults["steps"] if steps is None else steps
+    num_particles = defaults["num_particles"] if num_particles is None else num_particles
     optim = pyro.optim.ClippedAdam(
         {"lr": lr, "lrd": (lr_end / lr) ** (1.0 / steps), "clip_norm": math.inf}
     )
