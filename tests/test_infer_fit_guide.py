@@ -12,6 +12,7 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_flows_ext.infer import AutoCouplingFlow, fit_guide
+from pyro_flows_ext.infer.fitting.svi import FIT_DEFAULTS
 from pyro_flows_ext.optim import LazyClippedAdam
 from pyro_flows_ext.train import History, TrainingDivergedError
 
@@ -112,6 +113,68 @@ def test_cooldown_reaches_lr_end(monkeypatch: pytest.MonkeyPatch) -> None:
     fit_guide(gaussian, AutoNormal(gaussian), torch.ones(2), steps=500, patience=20,
               cooldown=30, lr=5e-2, lr_end=1e-3, num_particles=1, progress=False)  # fmt: skip
     assert lrs[-1] == pytest.approx(1e-3, rel=1e-6) and max(lrs) > 1e-2
+
+
+class _Declares(AutoNormal):
+    """A guide that recommends fit_guide's steps and particles."""
+
+    answer: Any = {"steps": 7, "num_particles": 3}
+
+    def fit_defaults(self, *args: Any, **kwargs: Any) -> Any:
+        self.seen = args
+        return self.answer
+
+
+def test_defaults_are_the_guides_recommendation(monkeypatch: pytest.MonkeyPatch) -> None:
+    particles: list[int] = []
+    init = pyro.infer.Trace_ELBO.__init__
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> None:
+        particles.append(kwargs["num_particles"])
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(pyro.infer.Trace_ELBO, "__init__", spy)
+    guide = _Declares(gaussian)
+    history = fit_guide(gaussian, guide, torch.ones(2), progress=False)
+    assert len(history.loss) == 7 and particles == [3]
+    assert len(guide.seen) == 1  # asked with the model's arguments
+    history = fit_guide(gaussian, guide, torch.ones(2), num_particles=2, progress=False)
+    assert len(history.loss) == 7 and particles == [3, 2]  # an explicit value wins
+    history = fit_guide(gaussian, guide, torch.ones(2), steps=4, progress=False)
+    assert len(history.loss) == 4 and particles == [3, 2, FIT_DEFAULTS["num_particles"]]
+
+
+def test_defaults_without_fit_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        "pyro_flows_ext.infer.fitting.svi.FIT_DEFAULTS", {"steps": 9, "num_particles": 1}
+    )
+    history = fit_guide(gaussian, AutoNormal(gaussian), torch.ones(2), progress=False)
+    assert len(history.loss) == 9
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ({"steps": 0}, ValueError),
+        ({"steps": 2.5}, TypeError),
+        ({"lr": 1}, TypeError),
+        (5, TypeError),
+    ],
+)
+def test_a_bad_recommendation_is_reported(value: Any, error: type) -> None:
+    guide = _Declares(gaussian)
+    guide.answer = value
+    with pytest.raises(error, match="fit_defaults"):
+        fit_guide(gaussian, guide, torch.ones(2), progress=False)
+
+
+def test_coupling_flow_fits_shorter_from_its_laplace_start() -> None:
+    y = torch.tensor([1.0, 2.5, 0.5, 2.0])
+    laplace = AutoCouplingFlow(gaussian, depth=1)
+    assert laplace.fit_defaults(y) == {"steps": 1000, "num_particles": 32}
+    assert laplace.init_info["method"] == "laplace"
+    loc = AutoCouplingFlow(gaussian, depth=1, init="loc")
+    assert loc.fit_defaults(y) == {"steps": 3000, "num_particles": 16}
 
 
 def test_callback_sees_every_step() -> None:

@@ -305,7 +305,7 @@ def neutra_mcmc(
     whitened space needs one step size for the whole posterior. The recommended path is
     ``AutoCouplingFlow(model, base="normal")`` (the default Student-t base diverged more often
     in ``benchmarks/neutra.py``) fitted by
-    :func:`~pyro_flows_ext.infer.fit_guide` for its full default 3,000 steps (on a 10-d funnel,
+    :func:`~pyro_flows_ext.infer.fit_guide` for 3,000 steps (``steps=3000``; on a 10-d funnel,
     1,500 steps left the guide's neck half as wide as the posterior's and NeuTra little better
     than plain NUTS), then two or more chains here. Check the run as any MCMC run (r-hat,
     divergences) and the guide through the whitened chains: :attr:`NeuTraDraws.latent` should
