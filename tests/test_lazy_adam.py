@@ -12,6 +12,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim.clipped_adam import ClippedAdam
+from test_infer_hierarchical import funnel
 
 from pyro_flows_ext.infer import AutoCouplingFlow, AutoHierarchicalFlow, fit_guide
 from pyro_flows_ext.infer.fitting import svi as svi_module
@@ -133,14 +134,6 @@ def logistic(y: torch.Tensor, batch: int | None = None) -> None:
     with pyro.plate("g", len(y), subsample_size=batch) as i:
         theta = pyro.sample("theta", dist.Normal(mu, 1.0))
         pyro.sample("y", dist.Bernoulli(logits=theta), obs=(y[i] > 0).to(theta))
-
-
-def funnel(y: torch.Tensor, batch: int | None = None) -> None:
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfNormal(5.0))
-    with pyro.plate("g", len(y), subsample_size=batch) as i:
-        theta = pyro.sample("theta", dist.Normal(mu, tau))
-        pyro.sample("y", dist.Normal(theta, 2.0), obs=y[i])
 
 
 def capture_optim(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
