@@ -166,12 +166,26 @@ def test_newton_gaussian_falls_back_where_the_precision_is_not_positive() -> Non
     assert torch.allclose(mean[1], loc[1]) and torch.allclose(chol[1], torch.eye(2) * 2.0)
 
 
-def test_newton_step_is_bounded_in_sds_of_the_learned_gaussian() -> None:
+@pytest.mark.parametrize("precision, bound_sd", [(100.0, 0.5), (1.0, 1.0), (1e-4, 100.0)])
+def test_newton_step_is_bounded_in_sds_of_the_wider_gaussian(precision, bound_sd) -> None:
+    # the learned Gaussian's sd is 0.5, the step's own 1 / sqrt(precision): the wider bounds
     log_scale = torch.tensor([math.log(0.5)])
-    mean, _ = newton_gaussian(
-        torch.zeros(1), torch.tensor([1e6]), torch.ones(1, 1), torch.zeros(1), log_scale
-    )
-    assert mean.item() == pytest.approx(MAX_STEP * 0.5)
+    prec = torch.full((1, 1), precision)
+    mean, _ = newton_gaussian(torch.zeros(1), torch.tensor([1e6]), prec, torch.zeros(1), log_scale)
+    assert mean.item() == pytest.approx(MAX_STEP * bound_sd, rel=1e-5)
+
+
+def test_newton_step_bound_uses_the_marginal_sd_of_correlated_features() -> None:
+    # two confounded features: each marginal sd is 10, their diagonal precision's sd 0.1
+    cov = torch.tensor([[100.0, 99.9], [99.9, 100.0]], dtype=torch.float64)
+    prec = torch.linalg.inv(cov)
+    grad = prec @ torch.tensor([200.0, 200.0], dtype=torch.float64)  # the mode 200 away
+    small = torch.full((2,), math.log(0.01), dtype=torch.float64)
+    zeros = torch.zeros(2, dtype=torch.float64)
+    mean, _ = newton_gaussian(zeros, grad, prec, zeros, small)
+    assert torch.allclose(mean, torch.full((2,), 200.0, dtype=torch.float64))  # 20 sds: free
+    mean, _ = newton_gaussian(zeros, 2 * grad, prec, zeros, small)
+    assert torch.allclose(mean, torch.full((2,), MAX_STEP * 10.0, dtype=torch.float64))
 
 
 def test_precision_affine_maps_the_standard_normal_to_its_gaussian() -> None:

@@ -326,3 +326,25 @@ def test_context_of_wrong_size() -> None:
 def test_bad_constructor_arguments(call, err, match) -> None:
     with pytest.raises(err, match=match):
         call()
+
+
+def test_exponential_tails_give_each_side_its_own_exponential_tail() -> None:
+    t = T.ExponentialTails(2)
+    with torch.no_grad():
+        t.rho.copy_(torch.tensor([[2.0, 1e-9], [1e-9, 0.5]]).log())  # (left, right) x dims
+    base = dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1)
+    t = t.double()
+    # P(y < -s) for dim 0 (left weight 2) decays like exp(-s / 2): the slope of its log
+    x_at = t.inv(torch.tensor([[-400.0, 400.0], [-600.0, 600.0]], dtype=torch.float64))
+    log_tail = torch.special.log_ndtr(-x_at.abs())
+    slopes = (log_tail[1] - log_tail[0]) / 200.0
+    assert slopes[0].item() == pytest.approx(-1 / 2.0, rel=0.05)  # log-corrections fade
+    assert slopes[1].item() == pytest.approx(-1 / 0.5, rel=0.05)
+    # the other sides stay Gaussian (weight ~0: the identity there), these do not
+    three = torch.tensor([[3.0, 3.0]], dtype=torch.float64)
+    assert torch.allclose(t(three)[0], torch.tensor([3.0, 3.0 + 0.25 * 9]).double())
+    assert torch.allclose(t(-three)[0], torch.tensor([-3.0 - 9.0, -3.0]).double())
+    q = dist.TransformedDistribution(base, [t])
+    assert torch.isfinite(q.log_prob(torch.tensor([[-1e4, 1e4]], dtype=torch.float64))).all()
+    with pytest.raises(ValueError, match="init"):
+        T.ExponentialTails(2, init=0.0)

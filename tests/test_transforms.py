@@ -99,6 +99,7 @@ CASES: dict[str, Case] = {
         lambda: _m(T.LowRankAffine(VEC, 2, torch.ones(VEC), init_scale=0.5)), (VEC,)
     ),
     "permute": Case(lambda: _m(T.PermuteTransform(VEC)), (VEC,)),
+    "exponential-tails": Case(lambda: _m(T.ExponentialTails(VEC, init=0.5)), (VEC,)),
     "conditional-shift": Case(lambda: _conditioned(T.ConditionalShift(VEC, CTX)), (VEC,)),
     "actnorm-vec": Case(lambda: _m(T.actnorm(VEC)), (VEC,)),
     "actnorm-img": Case(lambda: _m(T.actnorm(IMG)), IMG),

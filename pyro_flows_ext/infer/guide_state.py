@@ -48,6 +48,7 @@ from torch.distributions import constraints
 __all__ = [
     "GuideStateMixin",
     "all_or_nothing",
+    "param_store_untouched",
     "store_entries",
     "stored_under",
     "sync_param_store",
@@ -78,17 +79,46 @@ def all_or_nothing(module: nn.Module) -> Iterator[None]:
     """
     saved = dict(module.__dict__)
     containers = {k: copy.copy(saved[k]) for k in _MODULE_DICTS if k in saved}
-    store = pyro.get_param_store()
-    tables = {k: dict(getattr(store, k)) for k in _STORE_DICTS}
+    tables = _store_tables()
     try:
         yield
     except BaseException:
         module.__dict__.clear()
         module.__dict__.update(saved)
         module.__dict__.update(containers)
-        for k, table in tables.items():
-            setattr(store, k, table)
+        _restore_store(tables)
         raise
+
+
+@contextmanager
+def param_store_untouched() -> Iterator[None]:
+    """Run the block and put Pyro's param store back as it was, whatever the block
+    registered (a guide that evaluates its fresh flows while building itself, before they
+    are final).
+
+    Example:
+        >>> import pyro, torch
+        >>> with param_store_untouched():
+        ...     _ = pyro.param("scratch", torch.zeros(1))
+        >>> "scratch" in pyro.get_param_store()
+        False
+    """
+    tables = _store_tables()
+    try:
+        yield
+    finally:
+        _restore_store(tables)
+
+
+def _store_tables() -> dict[str, dict]:
+    store = pyro.get_param_store()
+    return {k: dict(getattr(store, k)) for k in _STORE_DICTS}
+
+
+def _restore_store(tables: dict[str, dict]) -> None:
+    store = pyro.get_param_store()
+    for k, table in tables.items():
+        setattr(store, k, table)
 
 
 def _make_name(prefix: str, name: str) -> str:

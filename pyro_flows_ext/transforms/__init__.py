@@ -36,6 +36,7 @@ from pyro_flows_ext.transforms.spline import SplineMap, rational_quadratic_splin
 from pyro_flows_ext.transforms.split import FactorOut, SplitPrior, split_prior
 from pyro_flows_ext.transforms.squeeze import SqueezeTransform
 from pyro_flows_ext.transforms.stack import Stack
+from pyro_flows_ext.transforms.tails import ExponentialTails
 
 __all__ = [
     "COUPLINGS",
@@ -48,6 +49,7 @@ __all__ = [
     "Coupling",
     "ElementwiseAffine",
     "ElementwiseMap",
+    "ExponentialTails",
     "FactorOut",
     "InvertibleConv1x1",
     "InvertibleLinear",

@@ -23,6 +23,7 @@ from pyro_flows_ext.optim import mark_per_element
 from pyro_flows_ext.transforms import (
     AffineMap,
     ElementwiseMap,
+    ExponentialTails,
     LowerAffine,
     NetworkFactory,
     Partition,
@@ -256,8 +257,11 @@ def global_flow(
     coupling: ElementwiseMap,
     network: NetworkFactory,
     init_scale: float,
+    tails: bool = True,
 ) -> list[nn.Module]:
-    """The globals' flow from the base to :math:`g \\in \\mathbb{R}^D`: ``depth`` couplings
+    """The globals' flow from the base to :math:`g \\in \\mathbb{R}^D`: with ``tails``, an
+    :class:`~pyro_flows_ext.transforms.ExponentialTails` on the base (learned exponential
+    tails, starting close to the identity), then ``depth`` couplings
     with the elementwise map ``coupling`` and networks from ``network``, each followed by a
     :class:`~pyro_flows_ext.transforms.PermuteTransform` (none for ``D = 1``), then a
     :class:`~pyro_flows_ext.transforms.LowerAffine` at
@@ -270,7 +274,7 @@ def global_flow(
         ...     init_scale=0.1,
         ... )
         >>> [type(t).__name__ for t in flow]
-        ['Coupling', 'PermuteTransform', 'LowerAffine']
+        ['ExponentialTails', 'Coupling', 'PermuteTransform', 'LowerAffine']
     """
     dim = center.shape[0]
     if dim == 0:
@@ -280,7 +284,8 @@ def global_flow(
         return make_coupling(coupling, part.event_shape, mask=part, network=network)
 
     steps = coupling_steps(dim, depth, step, lambda: [PermuteTransform(dim)])
-    return [*steps, LowerAffine(dim, center.cpu(), init_scale=init_scale)]
+    head = [ExponentialTails(dim)] if tails else []
+    return [*head, *steps, LowerAffine(dim, center.cpu(), init_scale=init_scale)]
 
 
 def group_flow(

@@ -15,11 +15,17 @@ that is one of them). A local whose prior does not depend on the globals, or is 
 family, gets no prior (``mask`` false).
 
 The same runs give each element's start of the flow's learned Gaussian pseudo-likelihood
-:math:`\\mathcal N(\\hat y_i, e^{-\\lambda_i})`: one Newton step from the starting point on the
-rest of the log joint (the likelihood of the element's data, its children's terms), i.e. its
-gradient and diagonal curvature in the element's unconstrained locals at the start
-(exact for a normal likelihood). Plates are run whole, or, when the model subsamples a plate,
-in chunks of its subsample size, so that every element gets its own start.
+:math:`\\mathcal N(\\hat y_i, e^{-\\lambda_i})`: one Newton step on the rest of the log joint
+(the likelihood of the element's data, its children's terms), i.e. its gradient and diagonal
+curvature in the element's unconstrained locals (exact for a normal likelihood), taken at
+the element's conditional mode given :math:`g_0`. That mode is found first by damped Newton
+steps on each group's conditional (``F x F``, at most :data:`MODE_STEPS` runs, each step at
+most :data:`~pyro_flows_ext.infer.hierarchical.newton.MAX_STEP` of its own sds): from the
+``init_loc_fn`` values, which for a prior ``Normal(0, 10)`` of the locals' mean lie many
+posterior sds away, a single clamped step left radon's best-measured counties 57 sds short,
+and the guide's Newton conditionals, bounded by the same rule, stayed there.
+Plates are run whole, or, when the model subsamples a plate, in chunks of its subsample
+size, so that every element gets its own start.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from torch.distributions import Distribution, Independent
 from pyro_flows_ext.infer.hierarchical.newton import (
     gradient_and_precision,
     model_run,
+    newton_gaussian,
     unscaled_log_prob,
 )
 from pyro_flows_ext.infer.hierarchical.plates import PlateGroup, PlateStructure, index_chunks
@@ -81,6 +88,9 @@ class LocalPrior:
 
 MAX_RUNS = 10_000
 """Most model runs to read the starts of subsampled plates; beyond it, the point start."""
+
+MODE_STEPS = 20
+"""Most damped Newton steps (model runs) towards the locals' conditional mode at the start."""
 
 MIN_LOG_PREC = -20.0
 """Floor of a pseudo-likelihood's log-precision relative to its prior's (no data: the prior)."""
@@ -162,12 +172,14 @@ def _read_chunk(
     args: tuple,
     kwargs: dict,
 ) -> None:
-    """One run at the elements ``idx`` (plate name -> indices); fills ``out`` there."""
+    """The runs at the elements ``idx`` (plate name -> indices); fills ``out`` there."""
     g = g0.detach().clone().requires_grad_(True)
-    us = []
-    for group, init in zip(structure.groups, inits, strict=True):
-        where = group.grid_index(idx)
-        us.append((init[where].detach().requires_grad_(True), where))
+    wheres = [group.grid_index(idx) for group in structure.groups]
+    modes = _conditional_modes(
+        model, structure, g, [init[w] for init, w in zip(inits, wheres, strict=True)], idx,
+        args, kwargs,
+    )  # fmt: skip
+    us = [(u.requires_grad_(True), w) for u, w in zip(modes, wheres, strict=True)]
     run, log_dets = model_run(model, structure, g, [u for u, _ in us], idx, args, kwargs)
     log_probs = {
         n: unscaled_log_prob(site)
@@ -181,6 +193,45 @@ def _read_chunk(
             prior = _site_prior(group, site, run, g, where, start)
             rest = rest - (log_probs[site.name] if prior else lds[site.name])
         _newton(u, rest, where, start)
+
+
+def _conditional_modes(
+    model: Callable[..., Any],
+    structure: PlateStructure,
+    g: Tensor,
+    inits: list[Tensor],
+    idx: dict[str, Tensor],
+    args: tuple,
+    kwargs: dict,
+) -> list[Tensor]:
+    """Every group's locals moved from ``inits`` towards their conditional mode given ``g``
+    (the groups step together) by damped Newton steps
+    (:func:`~pyro_flows_ext.infer.hierarchical.newton.newton_gaussian`: an element whose
+    conditional is not log-concave there stays), until no element moves by more than a
+    thousandth of its sd or after :data:`MODE_STEPS` runs."""
+    us = [u.detach().clone() for u in inits]
+    for _ in range(MODE_STEPS):
+        us = [u.requires_grad_(True) for u in us]
+        run, log_dets = model_run(model, structure, g, us, idx, args, kwargs)
+        total = sum(
+            (unscaled_log_prob(site) for n, site in run.nodes.items()
+             if site["type"] == "sample" and n not in idx),
+            g.new_zeros(()),
+        )  # fmt: skip
+        total = total - sum((ld for lds in log_dets for ld in lds.values()), g.new_zeros(()))
+        moved = False
+        for k, u in enumerate(us):
+            found = gradient_and_precision(total, u, create_graph=False)
+            if found is None:
+                continue
+            still = torch.full_like(u, -30.0)  # the bound: MAX_STEP of the step's own sds
+            mean, chol = newton_gaussian(u.detach(), *found, u.detach(), still)
+            sd = torch.cholesky_inverse(chol).diagonal(dim1=-2, dim2=-1).sqrt()
+            moved = moved or bool(((mean - u.detach()).abs() > 1e-3 * sd).any())
+            us[k] = mean.detach()
+        if not moved:
+            break
+    return [u.detach() for u in us]
 
 
 def _site_prior(

@@ -52,7 +52,8 @@ __all__ = [
 ]
 
 MAX_STEP = 30.0
-"""Largest Newton step, per feature, in sds of the learned Gaussian it starts from."""
+"""Largest Newton step, per feature, in sds of the learned Gaussian it starts from or of its
+own Gaussian, whichever is wider (:func:`newton_gaussian`)."""
 
 
 def unscaled_log_prob(site: Any) -> Tensor:
@@ -146,11 +147,18 @@ def newton_gaussian(
     u0: Tensor, grad: Tensor, prec: Tensor, fallback_loc: Tensor, fallback_log_scale: Tensor
 ) -> tuple[Tensor, Tensor]:
     """The Newton step's Gaussian: its mean and the lower Cholesky factor ``L`` of its
-    precision (``P = L L^T``), ``(*batch, F)`` and ``(*batch, F, F)``. The fallback Gaussian
-    ``N(fallback_loc, diag(exp(2 fallback_log_scale)))`` (the learned one) bounds the step,
-    to :data:`MAX_STEP` of its sds per feature, and replaces it for an element whose
-    precision is not positive definite (a likelihood that is not log-concave there) or whose
-    gradient is not finite."""
+    precision (``P = L L^T``), ``(*batch, F)`` and ``(*batch, F, F)``. The step is bounded,
+    per feature, to :data:`MAX_STEP` sds of the wider of two Gaussians: the fallback
+    ``N(fallback_loc, diag(exp(2 fallback_log_scale)))`` (the learned one, where the step
+    starts) and the step's own (its marginal sd, ``sqrt(diag(P^-1))``). The fallback replaces
+    the step for an element whose precision is not positive definite (a likelihood that is
+    not log-concave there) or whose gradient is not finite.
+
+    Why the step's own sd: a start whose pseudo-likelihood is diagonal sits far, in its own
+    sds, from the conditional of two features the data confound (radon's intercept and
+    slope in a county measured on one floor only). Bounded by the start's sds alone, two of
+    radon's 85 counties stopped short and the globals' Laplace marginal there was 68 nats
+    off."""
     batch = torch.broadcast_shapes(grad.shape[:-1], prec.shape[:-2], fallback_loc.shape[:-1])
     f = grad.shape[-1]
     fallback_prec = (-2 * fallback_log_scale).exp()
@@ -159,6 +167,7 @@ def newton_gaussian(
         good = torch.isfinite(grad) & torch.isfinite(p) & (p > 0)
         chosen = torch.where(good, p, fallback_prec)
         step, chol = torch.where(good, grad, 0.0) / chosen, chosen.sqrt().unsqueeze(-1)
+        own_var = chosen.reciprocal()
     else:
         prec = 0.5 * (prec + prec.transpose(-1, -2))
         finite = torch.isfinite(grad).all(-1) & torch.isfinite(prec).flatten(-2).all(-1)
@@ -168,7 +177,8 @@ def newton_gaussian(
         chosen = torch.where(good[..., None], safe, torch.diag_embed(fallback_prec))
         chol = torch.linalg.cholesky(chosen)
         step = torch.cholesky_solve(torch.where(good, grad, 0.0).unsqueeze(-1), chol)[..., 0]
-    limit = MAX_STEP * fallback_log_scale.exp()
+        own_var = torch.cholesky_inverse(chol).diagonal(dim1=-2, dim2=-1)
+    limit = MAX_STEP * torch.maximum(fallback_log_scale.exp(), own_var.sqrt())
     mean = torch.where(good, u0, fallback_loc) + step.clamp(-limit, limit)
     return mean.expand(batch + (f,)), chol.expand(batch + (f, f))
 
