@@ -107,7 +107,8 @@ def test_init_loc_keeps_the_initial_point_and_subsampling_falls_back_to_it() -> 
 
     pyro.clear_param_store()
     y = torch.full((6,), 7.0)
-    guide = AutoHierarchicalFlow(subsampled, init_loc_fn=init_to_value(values={"mu": torch.tensor(0.0)}))
+    at_zero = init_to_value(values={"mu": torch.tensor(0.0)})
+    guide = AutoHierarchicalFlow(subsampled, init_loc_fn=at_zero)
     guide.initialize(y)
     assert guide.global_flow[-1].loc.tolist() == [0.0]  # the init point: no Laplace search
     with pytest.raises(ValueError, match="init must be one of"):
