@@ -149,8 +149,9 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
             point. Why: ``init_to_median`` reads the median of a few prior draws, and for
             radon's ``mu_a ~ Normal(0, 10)`` it started 110 posterior sds away (-4.0 against
             1.49); Adam's second moments, inflated by the large first gradients, then shrank
-            the steps back to a tenth of the step size, and one fit in four (32 particles)
-            ended 200 nats short.
+            the steps back to a tenth of the step size, and with 32 particles a fit of
+            2,000 steps ended 24 nats short (ELBO -1086.0 against -1062.1), one of 500
+            steps 200 nats.
         tails: an :class:`~pyro_flows_ext.transforms.ExponentialTails` on the globals' base,
             so that a global can learn an exponential tail on either side (the log of a
             group scale whose prior has a positive density at zero, as radon's
