@@ -143,6 +143,21 @@ def test_laplace_approximation_on_a_correlated_badly_scaled_gaussian() -> None:
     assert torch.allclose(res.scale_tril @ res.scale_tril.T, cov, rtol=1e-6)
 
 
+def test_laplace_curvature_by_differences_matches_autograd_on_a_skewed_density() -> None:
+    def log_density(z: torch.Tensor) -> torch.Tensor:  # a Gamma(3) in the log, and a Gaussian
+        x, y = z[0], z[1]
+        return 3 * x - x.exp() - 0.5 * ((y - 0.5 * x) / 0.01) ** 2
+
+    start = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    exact = laplace_approximation(log_density, start)
+    diffs = laplace_approximation(log_density, start, curvature="differences")
+    assert diffs.converged and not diffs.hessian_repaired
+    assert torch.allclose(diffs.loc, exact.loc, atol=1e-7)
+    assert torch.allclose(diffs.scale_tril, exact.scale_tril, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="curvature must be one of"):
+        laplace_approximation(log_density, start, curvature="fd")
+
+
 def test_precision_to_scale_tril_is_lower_and_inverts() -> None:
     a = torch.randn(5, 5, dtype=torch.float64)
     p = a @ a.T + 5 * torch.eye(5, dtype=torch.float64)
