@@ -365,7 +365,8 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
         s = cast(PlateStructure, self.structure)
         data = {n: v.reshape(s.full_shape(n)) for n, v in values.items()}
         run = poutine.trace(poutine.condition(self._plain_model, data=data))
-        return poutine.block(run.get_trace)(*args, **kwargs).log_prob_sum() + sum(terms)
+        joint = torch.as_tensor(poutine.block(run.get_trace)(*args, **kwargs).log_prob_sum())
+        return joint + torch.stack(terms).sum() if terms else joint
 
     def _aux(self, block: str) -> str:
         return f"_{self._pyro_name}_{block}"

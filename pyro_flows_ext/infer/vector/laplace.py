@@ -284,13 +284,13 @@ def find_mode(
         )
     best, best_value, count = _lbfgs(log_density, best, best_value, search)
     if search.curvature == "differences":
-        precision = -_differences(log_density, best)
+        measured = -_differences(log_density, best)
         _, grad = _value_and_grad(log_density, best)
-        repaired, _ = _repair(precision, search.eig_floor)
+        repaired, _ = _repair(measured, search.eig_floor)
         decrement = float(grad @ torch.linalg.solve(repaired, grad)) / 2
         tol = max(search.tol, 10 * torch.finfo(best.dtype).eps) * max(1.0, abs(float(best_value)))
-        converged = bool(torch.isfinite(precision).all()) and decrement < tol
-        return best, precision, converged, 2 + count + 4 * best.shape[0]
+        converged = bool(torch.isfinite(measured).all()) and decrement < tol
+        return best, measured, converged, 2 + count + 4 * best.shape[0]
     mode, precision, converged, newton_count = _newton(log_density, best, best_value, search)
     return mode, precision, converged, 1 + count + newton_count
 
