@@ -22,6 +22,7 @@ from pyro_flows_ext.infer import (
     psis_khat,
     to_inference_data,
 )
+from pyro_flows_ext.infer.diagnostics import importance
 from pyro_flows_ext.infer.diagnostics.pareto import _arviz
 from pyro_flows_ext.infer.diagnostics.plots import flatten_components
 
@@ -234,6 +235,43 @@ def test_importance_resampling_corrects_a_shifted_guide() -> None:
     assert abs(draws["x"].std().item() - 1.0) < 0.1
 
 
+PLATE_SIZES: list[int] = []
+
+
+def plated(y: torch.Tensor, noise: float = 1.0) -> None:
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    PLATE_SIZES.append(mu.numel())
+    with pyro.plate("n", len(y)):
+        pyro.sample("y", dist.Normal(mu, noise), obs=y)
+
+
+def plated_guide(y: torch.Tensor, noise: float = 1.0) -> None:
+    pyro.sample("mu", dist.Normal(0.3, 0.5))
+
+
+def test_draws_in_batches_agree_with_direct_evaluation() -> None:
+    d = importance_draws(plated, plated_guide, Y, num_samples=23, batch_size=5)
+    assert d.vectorized and d.log_p.shape == (23,) and d.latents["mu"].shape == (23,)
+    assert d.latents["mu"].unique().numel() == 23  # every batch draws afresh
+    for s in (0, 7, 22):  # the first batch, a middle one and the last (short) one
+        tr = pyro.poutine.trace(pyro.poutine.condition(plated, data={"mu": d.latents["mu"][s]}))
+        assert torch.allclose(d.log_p[s], tr.get_trace(Y).log_prob_sum(), rtol=1e-5)
+        assert torch.allclose(d.log_q[s], dist.Normal(0.3, 0.5).log_prob(d.latents["mu"][s]))
+
+
+def test_default_batches_bound_the_largest_site(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importance, "DRAW_BUDGET", 40)  # y holds 4 elements a draw: 10 draws
+    PLATE_SIZES.clear()
+    d = importance_draws(plated, plated_guide, Y, num_samples=23)
+    assert d.vectorized and d.log_p.shape == (23,)
+    assert max(PLATE_SIZES) == 10 and sorted(PLATE_SIZES).count(10) == 2 and 3 in PLATE_SIZES
+    # the posterior predictive replays every batch on its own draws
+    idata = to_inference_data(plated, plated_guide, Y, 1e-4, num_samples=23)
+    mu = idata.posterior["mu"].values[0]
+    replicate = idata.posterior_predictive["y"].values[0]
+    assert replicate.shape == (23, 4) and np.allclose(replicate, mu[:, None], atol=1e-3)
+
+
 # ------------------------------------------------------------------ InferenceData ---------
 def test_inference_data_groups_names_and_shapes() -> None:
     guide = hierarchical_guide()
@@ -278,6 +316,8 @@ def test_bad_input_is_a_clear_error() -> None:
         psis_khat(hierarchical, lambda y: None, Y, num_samples=10)
     with pytest.raises(ValueError, match="num_samples"):
         psis_khat(normal_model, exact_guide, num_samples=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        importance_draws(normal_model, exact_guide, num_samples=10, batch_size=0)
 
 
 # ------------------------------------------------------------------ plots -----------------

@@ -48,6 +48,11 @@ from pyro_flows_ext.infer.traces import (
 __all__ = ["ImportanceDraws", "importance_draws"]
 
 _PARTICLES = "_diagnostic_particles"
+DRAW_BUDGET = 2**25
+"""Elements of the largest site of one vectorised evaluation that
+:func:`importance_draws` aims at by default: the draws are evaluated in batches of at most
+``DRAW_BUDGET // (elements of that site for one draw)``, which bounds its memory (a site of
+the model's whole data, expanded per draw, otherwise grows with ``num_samples``)."""
 
 
 def check_model_and_guide(model: Any, guide: Any) -> None:
@@ -78,7 +83,9 @@ class ImportanceDraws:
     observed: dict[str, Tensor]
     dims: dict[str, list[str]] = field(default_factory=dict)
     vectorized: bool = True
-    _replay: Callable[[Callable], Any] | None = field(default=None, repr=False)
+    _replay: Callable[[Callable, dict[str, torch.Size]], dict[str, Tensor]] | None = field(
+        default=None, repr=False
+    )
 
     @property
     def log_weights(self) -> Tensor:
@@ -151,44 +158,75 @@ def _check_structure(model_tr: Any, guide_tr: Any) -> None:
         raise ValueError(f"the guide does not sample the model's latent sites {missing}")
 
 
+def draw_batch(proto: Any, num: int, batch_size: int | None) -> int:
+    """Draws per vectorised evaluation: ``batch_size``, or by default as many as keep every
+    site of one evaluation under :data:`DRAW_BUDGET` elements (read from the prototype trace
+    ``proto``), at least one and at most ``num``."""
+    if batch_size is not None:
+        return min(batch_size, num)
+    per_draw = max(
+        [
+            max(site["value"].numel(), math.prod(site["fn"].batch_shape + site["fn"].event_shape))
+            for site in proto.nodes.values()
+            if site["type"] == "sample" and not site_is_subsample(site)
+        ],
+        default=1,
+    )
+    return max(1, min(num, DRAW_BUDGET // per_draw))
+
+
 def _vectorized(
-    model: Callable, guide: Callable, args: tuple, kwargs: dict, num: int, proto: Any
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, num: int, proto: Any, batch: int
 ) -> ImportanceDraws:
     dim = particle_dim(proto)
+    sizes = [min(batch, num - start) for start in range(0, num, batch)]
 
-    def vec(fn: Callable) -> Callable:
+    def vec(fn: Callable, size: int) -> Callable:
         def wrapped(*a: Any, **k: Any) -> Any:
-            with pyro.plate(_PARTICLES, num, dim=dim):
+            with pyro.plate(_PARTICLES, size, dim=dim):
                 return fn(*a, **k)
 
         return wrapped
 
-    with poutine.block():
-        guide_tr = poutine.trace(vec(guide)).get_trace(*args, **kwargs)
-        model_tr = poutine.trace(poutine.replay(vec(model), trace=guide_tr)).get_trace(
-            *args, **kwargs
-        )
-    log_p, log_q = (
-        per_particle_log_prob(model_tr, num, dim),
-        per_particle_log_prob(guide_tr, num, dim),
-    )
-    latents: dict[str, Tensor] = {}
-    determ: dict[str, Tensor] = {}
-    for name, site in proto.nodes.items():
-        if _is_latent(site) or _is_deterministic(site):
-            draws = _as_draws(_value(model_tr.nodes[name]), num, site["value"].shape)
-            (latents if _is_latent(site) else determ)[name] = draws
-    # the model must vectorise: check the first draw against an unvectorised evaluation
-    first = {k: v[0] for k, v in latents.items()}
-    with poutine.block():
-        check_tr = poutine.trace(poutine.condition(model, data=first)).get_trace(*args, **kwargs)
-    check_vectorised(float(log_p[0]), float(check_tr.log_prob_sum()))
-
-    def replay(fn: Callable) -> Any:
+    guide_trs: list[Any] = []
+    log_p: list[Tensor] = []
+    log_q: list[Tensor] = []
+    found: dict[str, list[Tensor]] = {}
+    for size in sizes:
         with poutine.block():
-            return poutine.trace(poutine.replay(vec(fn), trace=guide_tr)).get_trace(*args, **kwargs)
+            guide_tr = poutine.trace(vec(guide, size)).get_trace(*args, **kwargs)
+            model_tr = poutine.trace(poutine.replay(vec(model, size), trace=guide_tr)).get_trace(
+                *args, **kwargs
+            )
+        guide_trs.append(guide_tr)
+        log_p.append(per_particle_log_prob(model_tr, size, dim))
+        log_q.append(per_particle_log_prob(guide_tr, size, dim))
+        for name, site in proto.nodes.items():
+            if _is_latent(site) or _is_deterministic(site):
+                value = _as_draws(_value(model_tr.nodes[name]), size, site["value"].shape)
+                found.setdefault(name, []).append(value)
+        if len(guide_trs) == 1:  # the model must vectorise: check a draw against one evaluation
+            first = {k: v[0][0] for k, v in found.items() if _is_latent(proto.nodes[k])}
+            with poutine.block():
+                check = poutine.trace(poutine.condition(model, data=first))
+                check_tr = check.get_trace(*args, **kwargs)
+            check_vectorised(float(log_p[0][0]), float(check_tr.log_prob_sum()))
+        del model_tr
+    values = {k: torch.cat(v) for k, v in found.items()}
+    latents = {k: v for k, v in values.items() if _is_latent(proto.nodes[k])}
+    determ = {k: v for k, v in values.items() if k not in latents}
 
-    return ImportanceDraws(latents, determ, log_p, log_q, {}, _replay=replay)
+    def replay(fn: Callable, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+        out: dict[str, list[Tensor]] = {n: [] for n in shapes}
+        for size, guide_tr in zip(sizes, guide_trs, strict=True):
+            with poutine.block():
+                tr = poutine.trace(poutine.replay(vec(fn, size), trace=guide_tr))
+                trace = tr.get_trace(*args, **kwargs)
+            for n, shape in shapes.items():
+                out[n].append(_as_draws(_value(trace.nodes[n]), size, shape))
+        return {n: torch.cat(v) for n, v in out.items()}
+
+    return ImportanceDraws(latents, determ, torch.cat(log_p), torch.cat(log_q), {}, _replay=replay)
 
 
 def _looped(
@@ -217,6 +255,7 @@ def importance_draws(
     *args: Any,
     num_samples: int = 1000,
     vectorize: bool | None = None,
+    batch_size: int | None = None,
     **kwargs: Any,
 ) -> ImportanceDraws:
     """Draw ``num_samples`` latents from ``guide`` with their log importance weights.
@@ -226,6 +265,9 @@ def importance_draws(
         num_samples: draws ``S``.
         vectorize: ``True`` to require a vectorised evaluation, ``False`` to loop, ``None``
             (default) to try vectorising and loop if the model does not allow it.
+        batch_size: draws per vectorised evaluation; ``None`` (default) chooses it so that
+            the largest site of one evaluation holds about :data:`DRAW_BUDGET` elements
+            (memory bounded whatever ``num_samples``).
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -241,10 +283,13 @@ def importance_draws(
     positive_int("num_samples", num_samples, minimum=2)
     if vectorize is not None:
         check_bool("vectorize", vectorize)
+    if batch_size is not None:
+        positive_int("batch_size", batch_size)
     proto, proto_guide = _traces(model, guide, args, kwargs)
     _check_structure(proto, proto_guide)
+    batch = draw_batch(proto, num_samples, batch_size)
     result, _ = vectorised_or_looped(
-        lambda: _vectorized(model, guide, args, kwargs, num_samples, proto),
+        lambda: _vectorized(model, guide, args, kwargs, num_samples, proto, batch),
         lambda: _looped(model, guide, args, kwargs, num_samples, proto),
         vectorize,
         label="importance_draws",

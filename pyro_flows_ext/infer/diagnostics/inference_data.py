@@ -18,7 +18,6 @@ from torch import Tensor
 from pyro_flows_ext.checks import check_bool, positive_int
 from pyro_flows_ext.infer.diagnostics.importance import (
     ImportanceDraws,
-    _as_draws,
     _value,
     importance_draws,
 )
@@ -34,8 +33,9 @@ def _posterior_predictive(
     names = list(draws.observed)
     num = len(draws.log_p)
     if draws._replay is not None:
-        trace = draws._replay(poutine.uncondition(model))
-        return {n: _as_draws(trace.nodes[n]["value"], num, draws.observed[n].shape) for n in names}
+        return draws._replay(
+            poutine.uncondition(model), {n: draws.observed[n].shape for n in names}
+        )
     out: dict[str, list[Tensor]] = {n: [] for n in names}
     for s in range(num):
         data = {k: v[s] for k, v in draws.latents.items()}
