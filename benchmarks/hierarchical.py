@@ -17,12 +17,15 @@ decaying exponentially from ``lr0`` to ``lr1``, ``Trace_ELBO`` with ``particles`
 particles, seed 0, one run, on one thread. ``--optims clipped,lazy`` runs every guide also with
 :class:`~pyro_flows_ext.optim.LazyClippedAdam` (``fit_guide``'s optimiser: a subsampled step
 updates only its rows of the per-element parameters; rows ``guide (lazy)``), so that the two
-updates' step times and accuracies come from the same run. With ``G:B`` in ``--sizes`` the
-model subsamples ``B`` groups per step (``pyro.plate(..., subsample_size=B)``); AutoNormal and
-AutoHierarchicalFlow support that. For each guide it reports the largest |mean error| / sd and
-|log sd ratio| over all latents (``mu``, ``log tau``, every ``theta_g``: the unconstrained
-space) and over the globals alone, estimated from ``--draws`` guide draws, the time per step,
-the CPU seconds of the whole fit (``time.process_time``) and the number of parameters.
+updates' step times and accuracies come from the same run; ``--optims fit_guide`` fits with
+:func:`~pyro_flows_ext.infer.fit_guide` itself (its lazy optimiser and, for a subsampled plate,
+its tail averaging; same steps, step sizes and particles; rows ``guide (fit_guide)``). With
+``G:B`` in ``--sizes`` the model subsamples ``B`` groups per step (``pyro.plate(...,
+subsample_size=B)``); AutoNormal and AutoHierarchicalFlow support that. For each guide it
+reports the largest |mean error| / sd and |log sd ratio| over all latents (``mu``, ``log tau``,
+every ``theta_g``: the unconstrained space) and over the globals alone, estimated from
+``--draws`` guide draws, the time per step, the CPU seconds of the whole fit
+(``time.process_time``) and the number of parameters.
 
 Usage (from the repository root)::
 
@@ -31,6 +34,8 @@ Usage (from the repository root)::
     python -m benchmarks.hierarchical --sizes 100000:1000 --guides normal,hierarchical
     python -m benchmarks.hierarchical --sizes 100000:1000 --guides hierarchical \
         --optims clipped,lazy
+    python -m benchmarks.hierarchical --sizes 100000:1000 --guides hierarchical \
+        --optims fit_guide --steps 20000
 
 The table is printed and written to ``benchmarks/results/hierarchical.md`` (``--out``).
 """
@@ -51,7 +56,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
 from torch import Tensor
 
-from pyro_flows_ext.infer import AutoCouplingFlow, AutoHierarchicalFlow
+from pyro_flows_ext.infer import AutoCouplingFlow, AutoHierarchicalFlow, fit_guide
 from pyro_flows_ext.optim import lazy_clipped_adam
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -126,7 +131,7 @@ GUIDES: dict[str, Callable[[Callable], Any]] = {
     "hierarchical": lambda m: AutoHierarchicalFlow(m, create_plates=groups_plate),
 }
 SUBSAMPLING = ("normal", "hierarchical")
-OPTIMS = ("clipped", "lazy")
+OPTIMS = ("clipped", "lazy", "fit_guide")
 
 
 def fit(
@@ -137,17 +142,23 @@ def fit(
     lr0: float,
     lr1: float,
     model: Callable[..., None] = model,
-    lazy: bool = False,
+    optim: str = "clipped",
 ) -> dict:
-    """Train with the protocol (``lazy``: ``LazyClippedAdam`` instead of ``ClippedAdam``);
+    """Train with the protocol (``optim``: ``"clipped"`` for ``ClippedAdam``, ``"lazy"`` for
+    ``LazyClippedAdam``, ``"fit_guide"`` for :func:`~pyro_flows_ext.infer.fit_guide`);
     ``time.process_time`` seconds and the step time."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    options = {"lr": lr0, "lrd": (lr1 / lr0) ** (1 / steps), "clip_norm": math.inf}
-    optim = lazy_clipped_adam(options) if lazy else pyro.optim.ClippedAdam(options)
-    svi = SVI(model, guide, optim, Trace_ELBO(num_particles=particles, vectorize_particles=True))
     cpu, wall = time.process_time(), time.perf_counter()
-    losses = [svi.step(*args) for _ in range(steps)]
+    if optim == "fit_guide":
+        options = {"steps": steps, "lr": lr0, "lr_end": lr1, "num_particles": particles}
+        losses = fit_guide(model, guide, *args, **options, progress=False).loss
+    else:
+        options = {"lr": lr0, "lrd": (lr1 / lr0) ** (1 / steps), "clip_norm": math.inf}
+        adam = lazy_clipped_adam(options) if optim == "lazy" else pyro.optim.ClippedAdam(options)
+        elbo = Trace_ELBO(num_particles=particles, vectorize_particles=True)
+        svi = SVI(model, guide, adam, elbo)
+        losses = [svi.step(*args) for _ in range(steps)]
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     params = sum(p.numel() for p in guide.parameters())
     tail = losses[-min(100, steps) :]
@@ -216,17 +227,18 @@ def errors(
 
 # ------------------------------------------------------------------ driver --------------
 def run_one(
-    kind: str, groups: int, batch: int | None, opts: argparse.Namespace, lazy: bool = False
+    kind: str, groups: int, batch: int | None, opts: argparse.Namespace, optim: str = "clipped"
 ) -> dict:
     y, s = funnel_data(groups)
     dtype = torch.float32
     y, s = y.to(dtype), s.to(dtype)
     guide = GUIDES[kind](model)
-    label = f"{kind} (lazy)" if lazy else kind
+    label = kind if optim == "clipped" else f"{kind} ({optim})"
     row: dict[str, Any] = {"G": groups, "B": batch or groups, "guide": label}
 
     def score() -> dict:
-        out = fit(guide, (y, s, batch), opts.steps, opts.particles, opts.lr0, opts.lr1, lazy=lazy)
+        fit_args = (opts.steps, opts.particles, opts.lr0, opts.lr1)
+        out = fit(guide, (y, s, batch), *fit_args, optim=optim)
         truth = exact_moments(y.double(), s.double())
         chunk = max(1, min(opts.draws, 2_000_000 // groups))
         got = guide_moments(guide, (y, s, None), funnel_values, opts.draws, chunk)
@@ -259,7 +271,8 @@ def table(rows: list[dict], opts: argparse.Namespace) -> str:
         "log sd (globals) | ms/step | CPU s | params |"
     )
     lines = [
-        f"Protocol: {opts.steps} steps of ClippedAdam ('(lazy)': LazyClippedAdam), lr "
+        f"Protocol: {opts.steps} steps of ClippedAdam ('(lazy)': LazyClippedAdam, "
+        f"'(fit_guide)': fit_guide), lr "
         f"{opts.lr0:g} -> {opts.lr1:g} (exponential), Trace_ELBO with {opts.particles} "
         f"vectorised particles, float32, one thread, seed 0, one run; moments from "
         f"{opts.draws} guide draws.",
@@ -311,7 +324,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--optims", default="clipped", help=f"of {', '.join(OPTIMS)}, comma separated: the "
-        "optimisers each guide is fitted with (lazy: fit_guide's LazyClippedAdam)",
+        "optimisers each guide is fitted with (lazy: fit_guide's LazyClippedAdam; fit_guide: "
+        "fit_guide itself)",
     )  # fmt: skip
     opts = parse_protocol(p, GUIDES, argv)
     unknown = set(opts.optims.split(",")) - set(OPTIMS)
@@ -333,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
             ):
                 continue
             for optim in opts.optims.split(","):
-                rows.append(run_one(kind, int(groups), batch, opts, lazy=optim == "lazy"))
+                rows.append(run_one(kind, int(groups), batch, opts, optim))
                 print(table(rows[-1:], opts).splitlines()[-1], flush=True)
     title = "Hierarchical normal model (funnel): guides against the exact posterior"
     write_results(opts.out, title, table(rows, opts))

@@ -10,10 +10,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer.autoguide import AutoNormal
+from test_infer_hierarchical import funnel
 
-from pyro_flows_ext.infer import AutoCouplingFlow, fit_guide
-from pyro_flows_ext.infer.fitting.svi import FIT_DEFAULTS
-from pyro_flows_ext.optim import LazyClippedAdam
+from pyro_flows_ext.infer import AutoCouplingFlow, AutoHierarchicalFlow, fit_guide
+from pyro_flows_ext.infer.fitting.svi import FIT_DEFAULTS, SUBSAMPLED_AVERAGE
+from pyro_flows_ext.optim import LazyClippedAdam, is_per_element
 from pyro_flows_ext.train import History, TrainingDivergedError
 
 
@@ -230,6 +231,9 @@ def test_a_model_that_does_not_vectorise_can_loop() -> None:
         ({"smoothing": 1.0}, ValueError, "smoothing"),
         ({"progress": 1}, TypeError, "progress"),
         ({"vectorize_particles": None}, TypeError, "vectorize_particles"),
+        ({"average": -0.1}, ValueError, "average"),
+        ({"average": 1.5}, ValueError, "average"),
+        ({"average": "all"}, TypeError, "average"),
     ],
 )
 def test_arguments_are_validated(kwargs: dict, error: type, match: str) -> None:
@@ -306,3 +310,61 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_refused_too() -> None:
     with pytest.raises(TrainingDivergedError, match="gradient of loc is not finite"):
         fit_guide(model, guide, steps=5, num_particles=1, progress=False)
     assert pyro.param("loc").item() == 0.0
+
+
+# ------------------------------------------------------------------ tail averaging --------
+def fit_recording(model: Any, guide: Any, *args: Any, **options: Any) -> tuple[History, list]:
+    """``fit_guide`` with every step's parameters recorded (name -> value)."""
+    iterates: list[dict[str, torch.Tensor]] = []
+
+    def record(taken: int, loss: float) -> None:
+        store = pyro.get_param_store()
+        iterates.append({n: p.detach().clone() for n, p in store.named_parameters()})
+
+    history = fit_guide(model, guide, *args, progress=False, callback=record, **options)
+    return history, iterates
+
+
+def test_a_subsampled_fit_ends_at_the_mean_of_its_last_iterates() -> None:
+    y = torch.linspace(-2.0, 3.0, 12)
+    guide = AutoHierarchicalFlow(funnel)
+    steps = 40
+    history, iterates = fit_recording(funnel, guide, y, 4, steps=steps, num_particles=2)
+    start = steps - round(SUBSAMPLED_AVERAGE * steps)
+    assert history.averaged_from == start == 30
+    averaged = per_element = 0
+    for name, p in pyro.get_param_store().named_parameters():
+        tail = torch.stack([it[name] for it in iterates[start:]])
+        if is_per_element(p):  # rows of a subsampled plate: the last iterate, O(B) work
+            per_element += 1
+            assert torch.equal(p.detach(), iterates[-1][name]), name
+            continue
+        if tail.is_floating_point() and not torch.equal(tail[0], tail[-1]):
+            averaged += 1
+            assert torch.allclose(p.detach(), tail.mean(0), atol=1e-6), name
+            assert not torch.equal(p.detach(), iterates[-1][name]), name
+    assert averaged >= 3 and per_element >= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_without_subsampling_the_last_iterate_stays_unless_asked(dtype: torch.dtype) -> None:
+    y = torch.tensor([0.5, 1.5, 1.0], dtype=dtype)
+    history, iterates = fit_recording(gaussian, AutoNormal(gaussian), y, steps=20)
+    assert history.averaged_from is None
+    for name, p in pyro.get_param_store().named_parameters():
+        assert torch.equal(p.detach(), iterates[-1][name])
+    pyro.clear_param_store()
+    history, iterates = fit_recording(gaussian, AutoNormal(gaussian), y, steps=20, average=0.5)
+    assert history.averaged_from == 10
+    for name, p in pyro.get_param_store().named_parameters():
+        mean = torch.stack([it[name] for it in iterates[10:]]).mean(0)
+        assert p.dtype == dtype and torch.allclose(p.detach(), mean), name
+
+
+def test_average_zero_turns_it_off_for_a_subsampled_guide() -> None:
+    y = torch.linspace(-2.0, 3.0, 12)
+    guide = AutoHierarchicalFlow(funnel)
+    history, iterates = fit_recording(funnel, guide, y, 4, steps=12, num_particles=2, average=0)
+    assert history.averaged_from is None
+    for name, p in pyro.get_param_store().named_parameters():
+        assert torch.equal(p.detach(), iterates[-1][name]), name

@@ -33,6 +33,8 @@ class History:
         stopped_early: whether early stopping ended the run.
         cooldown_from: the step after which early stopping decayed the step size before it
             stopped (``fit_guide(cooldown=...)``; ``None``: it did not).
+        averaged_from: the step after which a guide's parameters were averaged
+            (``fit_guide(average=...)``; ``None``: they were not).
         seconds, cpu_seconds: wall-clock and process CPU seconds of a guide's fit (0 for
             density models, whose per-step times are ``step_time`` and whose runs resume).
 
@@ -52,6 +54,7 @@ class History:
     best_valid: float | None = None
     stopped_early: bool = False
     cooldown_from: int | None = None
+    averaged_from: int | None = None
     seconds: float = 0.0
     cpu_seconds: float = 0.0
 
