@@ -18,14 +18,13 @@ particles, seed 0, one run, on one thread. ``--optims clipped,lazy`` runs every 
 :class:`~pyro_flows_ext.optim.LazyClippedAdam` (``fit_guide``'s optimiser: a subsampled step
 updates only its rows of the per-element parameters; rows ``guide (lazy)``), so that the two
 updates' step times and accuracies come from the same run; ``--optims fit_guide`` fits with
-:func:`~pyro_flows_ext.infer.fit_guide` itself (its lazy optimiser and, for a subsampled plate,
-its tail averaging; same steps, step sizes and particles; rows ``guide (fit_guide)``). With
-``G:B`` in ``--sizes`` the model subsamples ``B`` groups per step (``pyro.plate(...,
-subsample_size=B)``); AutoNormal and AutoHierarchicalFlow support that. For each guide it
-reports the largest |mean error| / sd and |log sd ratio| over all latents (``mu``, ``log tau``,
-every ``theta_g``: the unconstrained space) and over the globals alone, estimated from
-``--draws`` guide draws, the time per step, the CPU seconds of the whole fit
-(``time.process_time``) and the number of parameters.
+:func:`~pyro_flows_ext.infer.fit_guide` itself (its lazy optimiser; same steps, step sizes and
+particles; rows ``guide (fit_guide)``). With ``G:B`` in ``--sizes`` the model subsamples ``B``
+groups per step (``pyro.plate(..., subsample_size=B)``); AutoNormal and AutoHierarchicalFlow
+support that. For each guide it reports the largest |mean error| / sd and |log sd ratio| over
+all latents (``mu``, ``log tau``, every ``theta_g``: the unconstrained space) and over the
+globals alone, estimated from ``--draws`` guide draws, the time per step, the CPU seconds of
+the whole fit (``time.process_time``) and the number of parameters.
 
 Usage (from the repository root)::
 
