@@ -1,5 +1,5 @@
-"""The hierarchical benchmarks (``benchmarks/hierarchical*.py``): the funnel's exact posterior
-and both scripts end to end at a tiny size."""
+"""The hierarchical benchmarks (``benchmarks/hierarchical*.py``, ``subsample_noise.py``): the
+funnel's exact posterior and the scripts end to end at a tiny size."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ if str(_REPO) not in sys.path:  # ``benchmarks`` is not an installed package
 
 import pyro.distributions as dist  # noqa: E402
 
-from benchmarks import hierarchical, hierarchical_glm  # noqa: E402
+from benchmarks import hierarchical, hierarchical_glm, subsample_noise  # noqa: E402
 
 
 def test_exact_moments_match_brute_force_integration() -> None:
@@ -43,9 +43,17 @@ def test_exact_moments_match_brute_force_integration() -> None:
 def test_funnel_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "funnel.md"
     argv = ["--sizes", "8,20:5", "--guides", "normal,hierarchical", "--steps", "3"]
-    hierarchical.main([*argv, "--draws", "50", "--out", str(out)])
+    hierarchical.main([*argv, "--draws", "50", "--optims", "clipped,fit_guide", "--out", str(out)])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
-    assert len(rows) == 2 + 4 and "| 20 | 5 | hierarchical |" in out.read_text()
+    assert len(rows) == 2 + 8 and "| 20 | 5 | hierarchical (fit_guide) |" in out.read_text()
+
+
+def test_subsample_noise_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "noise.md"
+    argv = ["--groups", "30", "--batch", "5", "--steps", "4", "--every", "2", "--seeds", "0,1"]
+    subsample_noise.main([*argv, "--average", "0.5", "--draws", "20", "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 + 2 * 3 and "| 1 | end |" in rows[-1] and "nan" not in out.read_text()
 
 
 def test_glm_benchmark_runs(tmp_path: Path) -> None:
