@@ -1,6 +1,6 @@
 """AutoHierarchicalFlow's start: the globals' Laplace marginal against the closed-form marginal
-of normal models, its mode and curvature, its independence of the initial point, its
-fallbacks, and the learned exponential tails of the globals."""
+of normal models (over subsampled plates too), its mode and curvature, its independence of
+the initial point, its fallbacks, and the learned exponential tails of the globals."""
 
 from __future__ import annotations
 
@@ -94,25 +94,44 @@ def test_laplace_start_is_the_mode_and_curvature_of_the_marginal() -> None:
     assert torch.allclose(other.global_flow[-1].loc, want.loc, atol=1e-5)
 
 
-def test_init_loc_keeps_the_initial_point_and_subsampling_falls_back_to_it() -> None:
+def test_init_loc_keeps_the_initial_point() -> None:
     guide = built(0, init="loc")
     start = guide.global_flow[-1]
     assert torch.allclose(start.scale_tril, 0.1 * torch.eye(5, dtype=torch.float64))
-
-    def subsampled(y: torch.Tensor) -> None:
-        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-        with pyro.plate("g", len(y), subsample_size=2) as i:
-            theta = pyro.sample("theta", dist.Normal(mu, 1.0))
-            pyro.sample("y", dist.Normal(theta, 1.0), obs=y[i])
-
-    pyro.clear_param_store()
-    y = torch.full((6,), 7.0)
-    at_zero = init_to_value(values={"mu": torch.tensor(0.0)})
-    guide = AutoHierarchicalFlow(subsampled, init_loc_fn=at_zero)
-    guide.initialize(y)
-    assert guide.global_flow[-1].loc.tolist() == [0.0]  # the init point: no Laplace search
     with pytest.raises(ValueError, match="init must be one of"):
         AutoHierarchicalFlow(radon, init="mode")
+
+
+def subsampled_radon(floor: torch.Tensor, y: torch.Tensor, batch: int) -> None:
+    mu_a = pyro.sample("mu_a", dist.Normal(0.0, 10.0))
+    mu_b = pyro.sample("mu_b", dist.Normal(0.0, 10.0))
+    sigma_a = pyro.sample("sigma_a", dist.HalfNormal(1.0))
+    sigma_b = pyro.sample("sigma_b", dist.HalfNormal(1.0))
+    sigma_y = pyro.sample("sigma_y", dist.HalfNormal(1.0))
+    with pyro.plate("county", y.shape[-1], subsample_size=batch, dim=-1) as i:
+        a = pyro.sample("a", dist.Normal(mu_a, sigma_a))
+        b = pyro.sample("b", dist.Normal(mu_b, sigma_b))
+        with pyro.plate("house", y.shape[-2], dim=-2):
+            pyro.sample("y", dist.Normal(a + b * floor[:, i], sigma_y), obs=y[:, i])
+
+
+@pytest.mark.parametrize("batch", [2, 4, 5], ids=["divides", "pads_2", "pads_4"])
+def test_a_subsampled_plate_starts_at_the_marginal_over_all_its_elements(batch) -> None:
+    # 6 counties read in chunks of the subsample size: with 4 and 5 the last chunk repeats
+    # counties from the start, which must count zero, and the globals' prior counts once
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoHierarchicalFlow(subsampled_radon).initialize(FLOOR, Y, batch)
+    g = torch.tensor([1.2, -0.5, -0.8, -1.5, -1.1], dtype=torch.float64)
+    with torch.no_grad():
+        got = guide._log_marginal(g, (FLOOR, Y, batch), {})
+    assert got.item() == pytest.approx(exact_log_marginal(g).item(), abs=1e-6)
+    with param_store_untouched():
+        want = laplace_approximation(exact_log_marginal, torch.zeros(5, dtype=torch.float64))
+    last = guide.global_flow[-1]
+    assert torch.allclose(last.loc, want.loc, atol=1e-5)
+    assert torch.allclose(last.scale_tril, want.scale_tril, atol=1e-5)
+    assert guide(FLOOR, Y, batch)["a"].shape == (batch,)  # and a step still draws B elements
 
 
 def test_a_failed_search_starts_at_the_initial_point() -> None:

@@ -48,7 +48,7 @@ class FullPlateDraws:
 
         values = self._full(draw, args, kwargs)
         assert self.structure is not None
-        return {n: v.reshape(self.structure.full_shape(n)) for n, v in values.items()}
+        return {n: v.reshape(self.structure.site_shape(n)) for n, v in values.items()}
 
     @torch.no_grad()
     def sample_full(self, num_samples: int, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
@@ -76,7 +76,7 @@ class FullPlateDraws:
             return d.sample((num, *pad) if fresh else ())
 
         values = self._full(draw, args, kwargs)
-        return {n: v.reshape((num, *self.structure.full_shape(n))) for n, v in values.items()}
+        return {n: v.reshape((num, *self.structure.site_shape(n))) for n, v in values.items()}
 
     @torch.no_grad()
     def quantiles(

@@ -12,7 +12,6 @@ from typing import Any, cast
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from torch import Tensor, nn
@@ -34,6 +33,7 @@ from pyro_flows_ext.infer.hierarchical.local_flow import (
     plate_features,
 )
 from pyro_flows_ext.infer.hierarchical.local_prior import local_priors
+from pyro_flows_ext.infer.hierarchical.marginal import GlobalMarginal
 from pyro_flows_ext.infer.hierarchical.newton import group_conditionals
 from pyro_flows_ext.infer.hierarchical.plates import PlateGroup, PlateStructure, plate_structure
 from pyro_flows_ext.infer.stl import StickingTheLanding
@@ -52,7 +52,7 @@ Scope = Callable[[PlateGroup], AbstractContextManager[Any]]
 Conditionals = Callable[[Tensor, dict[int, Tensor], list[int]], dict[int, tuple[Tensor, Tensor]]]
 
 
-class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
+class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, GlobalMarginal, AutoGuide):
     """A flow guide for hierarchical models: a coupling flow over the global latents and, for
     every plate element, a conditional flow over its local latents given the globals' draw.
 
@@ -143,8 +143,10 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
             normal models, where this *is* the marginal), found by L-BFGS and Newton steps
             from the ``init_loc_fn`` point (:func:`~pyro_flows_ext.infer.laplace_approximation`,
             in the model's dtype); the last layer then starts at that Gaussian, and every
-            element's pseudo-likelihood is read there. ``"loc"``, or when a plate is
-            subsampled (the marginal needs every element) or the search fails:
+            element's pseudo-likelihood is read there. A subsampled plate is read in
+            chunks of its subsample size (:mod:`~pyro_flows_ext.infer.hierarchical.marginal`;
+            every evaluation is a pass over the data: 27 CPU s for 100,000 groups by 1,000).
+            ``"loc"``, or when the search fails:
             :math:`\\mathcal N(g_0, \\text{init\\_scale}^2 I)` around the ``init_loc_fn``
             point. Why: ``init_to_median`` reads the median of a few prior draws, and for
             radon's ``mu_a ~ Normal(0, 10)`` it started 110 posterior sds away (-4.0 against
@@ -325,9 +327,9 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
     def _laplace_start(self, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None] | None:
         """The mode of the globals' Laplace marginal (:meth:`_log_marginal`) and, where its
         Hessian is negative definite there, the lower Cholesky factor of its inverse; ``None``
-        where there are no globals, a plate is subsampled or the search fails (logged)."""
+        where there are no globals or the search fails (logged)."""
         s = cast(PlateStructure, self.structure)
-        if not s.global_dim or any(p.subsample_size < p.size for p in s.plates.values()):
+        if not s.global_dim:
             return None
 
         def log_marginal(g: Tensor) -> Tensor:
@@ -341,32 +343,6 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, AutoGuide):
             logger.info("AutoHierarchicalFlow: no Laplace start (%s), the init point's", err)
             return None
         return found.loc, None if found.hessian_repaired else found.scale_tril
-
-    def _log_marginal(self, g: Tensor, args: tuple, kwargs: dict) -> Tensor:
-        """The globals' Laplace marginal at ``g`` ``(D,)``: the model's log joint with every
-        local at the centre of its conditional (zero base noise) minus the locals' log
-        density there, in the unconstrained space, over the full plates."""
-        terms: list[Tensor] = []
-
-        def draw(name: str, d: Distribution, fresh: bool, score: Any) -> Tensor:
-            if name == self._aux("globals"):
-                return g
-            u = d.base_dist.mean  # type: ignore[attr-defined]
-            for t in d.transforms:  # type: ignore[attr-defined]
-                u = t(u)
-            terms.append(-d.log_prob(u).sum())
-            return u
-
-        def emit(name: str, value: Tensor, log_det: Tensor) -> Tensor:
-            terms.append(-log_det.sum())
-            return value
-
-        values = self._full(draw, args, kwargs, emit, built=False)
-        s = cast(PlateStructure, self.structure)
-        data = {n: v.reshape(s.full_shape(n)) for n, v in values.items()}
-        run = poutine.trace(poutine.condition(self._plain_model, data=data))
-        joint = torch.as_tensor(poutine.block(run.get_trace)(*args, **kwargs).log_prob_sum())
-        return joint + torch.stack(terms).sum() if terms else joint
 
     def _aux(self, block: str) -> str:
         return f"_{self._pyro_name}_{block}"

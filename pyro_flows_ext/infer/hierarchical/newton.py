@@ -56,9 +56,10 @@ MAX_STEP = 30.0
 own Gaussian, whichever is wider (:func:`newton_gaussian`)."""
 
 
-def unscaled_log_prob(site: Any) -> Tensor:
+def unscaled_log_prob(site: Any, weight: Tensor | float = 1.0) -> Tensor:
     """A site's log density summed, without the subsampled plates' ``N / B`` factor (its mask
-    and any other scale kept)."""
+    and any other scale kept), each element's term times ``weight`` (broadcast against the
+    site's batch shape) first."""
     lp = site["fn"].log_prob(site["value"])
     if site["mask"] is not None:  # a where, as Pyro masks: no cast of the mask to a float
         lp = torch.where(torch.as_tensor(site["mask"]), lp, lp.new_zeros(()))
@@ -66,6 +67,8 @@ def unscaled_log_prob(site: Any) -> Tensor:
         f.full_size / f.size for f in site["cond_indep_stack"] if f.full_size is not None
     )
     scale = site["scale"] / plate_scale
+    if not isinstance(weight, float | int) or weight != 1:
+        scale = scale * weight
     if not isinstance(scale, float | int) or scale != 1:  # each op here is differentiated
         lp = lp * scale  # three times by the Newton conditionals: none for a unit scale
     return lp.sum()

@@ -118,13 +118,14 @@ class PlateGroup:
             shape[p.dim] = sizes[p.name]
         return torch.Size(shape)
 
-    def full_shape(self, site: SiteLayout) -> torch.Size:
-        """The site's constrained shape over the full plates (no subsampling)."""
+    def site_shape(self, site: SiteLayout, sizes: dict[str, int] | None = None) -> torch.Size:
+        """The site's constrained shape for the plates' sizes ``name -> size`` (default: the
+        full plates, no subsampling)."""
         shape = list(site.shape)
         batch = len(shape) - site.event_dim
         for p in self.plates:
             if batch + p.dim >= 0:
-                shape[batch + p.dim] = p.size
+                shape[batch + p.dim] = p.size if sizes is None else sizes[p.name]
         return torch.Size(shape)
 
     def initial_values(self, trace: Any) -> Tensor:
@@ -221,13 +222,21 @@ class PlateStructure:
             out[name] = plate.indices
         return out
 
-    def full_shape(self, name: str) -> torch.Size:
-        """Site ``name``'s constrained shape over the full plates."""
+    def site_shape(self, name: str, sizes: dict[str, int] | None = None) -> torch.Size:
+        """Site ``name``'s constrained shape over the full plates (or for the plates' sizes
+        ``name -> size``)."""
         for group in self.groups:
             for site in group.sites:
                 if site.name == name:
-                    return group.full_shape(site)
+                    return group.site_shape(site, sizes)
         return next(s.shape for s in self.global_sites if s.name == name)
+
+    def site_plates(self) -> dict[str, tuple[str, ...]]:
+        """Every latent site's plates (names; none for a global site)."""
+        out: dict[str, tuple[str, ...]] = {site.name: () for site in self.global_sites}
+        for group in self.groups:
+            out.update({site.name: tuple(p.name for p in group.plates) for site in group.sites})
+        return out
 
 
 def index_chunks(plates: Sequence[PlateInfo]) -> list[list[Tensor]]:
