@@ -154,6 +154,19 @@ def test_scores_against_a_known_shift() -> None:
     assert math.isclose(out["loc_log_sd_max"], 0.3, rel_tol=1e-6) and out["loc_log_sd_median"] == 0
 
 
+def test_weighted_moments() -> None:
+    values = {"x": torch.tensor([[0.0], [1.0], [2.0], [10.0]], dtype=torch.float64)}
+    flat = hierarchical_real.moments(values, torch.zeros(4))
+    assert torch.allclose(flat["x_mean"], values["x"].mean(0))
+    assert torch.allclose(flat["x_sd"], values["x"].std(0, unbiased=False))
+    # weights 1 : 1 : 2 : 0 (log weights shifted: normalised inside)
+    log_w = torch.tensor([0.0, 0.0, math.log(2.0), -math.inf]) + 3.0
+    got = hierarchical_real.moments(values, log_w)
+    assert torch.allclose(got["x_mean"], torch.tensor([1.25], dtype=torch.float64))
+    var = (1.25**2 + 0.25**2 + 2 * 0.75**2) / 4
+    assert torch.allclose(got["x_sd"], torch.tensor([math.sqrt(var)], dtype=torch.float64))
+
+
 def test_converged_at() -> None:
     assert hierarchical_real.converged_at([-10.0, -3.0, -1.5, -1.2, -1.0], tol=1.0) == 3
     # a fit that got worse has not converged early because it started near its end
@@ -184,11 +197,15 @@ def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     argv = ["--posteriors", "eight_schools", "--guides", "normal,hierarchical", "--seeds", "0,1"]
     rows = hierarchical_real.main([*argv, "--steps", "5", "--draws", "50", "--out", str(out)])
     assert [(r["guide"], r["seed"]) for r in rows] == [
-        ("normal", 0),
-        ("normal", 1),
-        ("hierarchical", 0),
-        ("hierarchical", 1),
+        (guide + tail, seed)
+        for guide in ("normal", "hierarchical")
+        for seed in (0, 1)
+        for tail in ("", "+psis")
     ]
+    for fit, weighted in zip(rows[::2], rows[1::2], strict=True):  # one fit, two readings
+        assert {k: fit[k] for k in ("elbo", "khat", "cpu_s")} == {
+            k: weighted[k] for k in ("elbo", "khat", "cpu_s")
+        }
     assert all("failed" not in r and math.isfinite(r["elbo"]) for r in rows)
     assert set(rows[0]["globals"]) == {"mu", "log_tau"}
     payload = json.loads(out.read_text())
@@ -196,7 +213,7 @@ def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     merged = tmp_path / "merged.md"
     hierarchical_real_report.main([str(out), str(out), "--out", str(merged)])
     text = merged.read_text()
-    assert "| normal |" in text and "| hierarchical |" in text and "4/4" in text
+    assert "| normal |" in text and "| hierarchical+psis |" in text and "4/4" in text
 
 
 def test_summary_tells_failed_from_not_run() -> None:
