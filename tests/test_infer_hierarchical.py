@@ -205,6 +205,25 @@ def test_predictive_median_quantiles_and_float64(float64) -> None:
     )
 
 
+def _observed_in_an_inner_plate(y: torch.Tensor) -> None:
+    mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
+    with pyro.plate("g", y.shape[-1], dim=-1):
+        theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+        with pyro.plate("rows", y.shape[-2], dim=-2):  # only the observations: radon's houses
+            pyro.sample("y", dist.Normal(theta, 1.0), obs=y)
+
+
+def test_full_plate_draws_where_only_observations_sit_in_an_inner_plate() -> None:
+    """The draws' sample dim goes left of every plate of the model, the observations' too
+    (the guide's prototype trace holds no observed site)."""
+    y = torch.randn(3, 4)
+    guide = AutoHierarchicalFlow(_observed_in_an_inner_plate)
+    guide(y)
+    draws = guide.sample_full(6, y)
+    assert draws["mu"].shape == (6,) and draws["theta"].shape == (6, 4)
+    assert guide.quantiles([0.1, 0.9], y)["theta"].shape == (2, 4)
+
+
 def test_exact_posterior_of_a_conjugate_hierarchical_model() -> None:
     # mu ~ N(0, 9), theta_g ~ N(mu, 1), y_g ~ N(theta_g, 1): y_g | mu ~ N(mu, 2)
     pyro.set_rng_seed(0)

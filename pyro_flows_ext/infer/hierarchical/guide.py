@@ -12,6 +12,7 @@ from typing import Any, cast
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from torch import Tensor, nn
@@ -35,7 +36,12 @@ from pyro_flows_ext.infer.hierarchical.local_flow import (
 from pyro_flows_ext.infer.hierarchical.local_prior import local_priors
 from pyro_flows_ext.infer.hierarchical.marginal import GlobalMarginal
 from pyro_flows_ext.infer.hierarchical.newton import group_conditionals
-from pyro_flows_ext.infer.hierarchical.plates import PlateGroup, PlateStructure, plate_structure
+from pyro_flows_ext.infer.hierarchical.plates import (
+    PlateGroup,
+    PlateStructure,
+    plate_nesting,
+    plate_structure,
+)
 from pyro_flows_ext.infer.stl import StickingTheLanding
 from pyro_flows_ext.infer.vector.guide import INITS
 from pyro_flows_ext.infer.vector.laplace import laplace_approximation
@@ -279,7 +285,13 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, GlobalMarginal, Auto
         self._newton_groups = frozenset(s.leaves if self.newton else ())
         leaves, order = sorted(self._newton_groups), self.CROSSED_ORDER
         self._stages = crossed_stages(self._plain_model, s, trace, g0, leaves, order, args, kwargs)
-        self._model_nesting = s.model_nesting
+        replayed = poutine.trace(poutine.replay(self._plain_model, trace=trace))
+        with_observed = poutine.block(replayed.get_trace)  # the plates of observations too
+        rng = pyro.util.get_rng_state()  # a subsample drawn here must not move the user's seed
+        try:
+            self._model_nesting = plate_nesting(with_observed(*args, **kwargs))
+        finally:
+            pyro.util.set_rng_state(rng)
         self.register_buffer("_anchor", like.new_zeros(()).detach())
         self.to(dtype=like.dtype, device=like.device)
         found = self._laplace_start(args, kwargs) if self.init == "laplace" else None

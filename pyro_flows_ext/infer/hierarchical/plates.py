@@ -31,6 +31,7 @@ __all__ = [
     "PlateStructure",
     "SiteLayout",
     "index_chunks",
+    "plate_nesting",
     "plate_structure",
 ]
 
@@ -174,8 +175,6 @@ class PlateStructure:
     global_sites: list[SiteLayout]
     groups: list[PlateGroup]
     plates: dict[str, PlateInfo]
-    model_nesting: int = 0
-    """How many batch dims the model's plates take, observed sites' included."""
 
     @property
     def leaves(self) -> list[int]:
@@ -349,8 +348,14 @@ def plate_structure(trace: Any) -> PlateStructure:
         _place(group.sites)
         names = {p.name for p in group.plates}
         group.parents = [j for j in range(i) if {p.name for p in groups[j].plates} < names]
-    nesting = max(
+    return PlateStructure(global_sites, groups, plates)
+
+
+def plate_nesting(trace: Any) -> int:
+    """How many batch dims the plates of ``trace``'s sites take: read it from a trace that
+    holds the observed sites (a guide's prototype trace does not, and misses a plate that
+    only observations are in, such as the houses of a county)."""
+    return max(
         (-f.dim for site in trace.nodes.values() for f in site.get("cond_indep_stack", ())),
         default=0,
     )
-    return PlateStructure(global_sites, groups, plates, nesting)
