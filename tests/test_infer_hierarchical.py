@@ -273,14 +273,6 @@ def test_globals_couplings_are_splines_for_few_elements_affine_for_many() -> Non
     assert chosen.global_flow[1].transformer == AffineMap(clamp=few.clamp)
 
 
-def _eight_schools(y: torch.Tensor, sigma: torch.Tensor) -> None:
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
-    with pyro.plate("school", len(y)):
-        theta = pyro.sample("theta", dist.Normal(mu, tau))
-        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
-
-
 def _eight_schools_by_quadrature(y: torch.Tensor, sigma: torch.Tensor) -> dict[str, tuple]:
     """Posterior means and sds of ``mu``, ``log tau`` and each ``theta`` on an 801 x 801 grid
     over ``(mu, log tau)`` (``theta`` integrated out in closed form, then its normal
@@ -306,16 +298,15 @@ def _eight_schools_by_quadrature(y: torch.Tensor, sigma: torch.Tensor) -> dict[s
     }
 
 
-def test_psis_corrected_draws_match_the_exact_posterior() -> None:
+def test_psis_corrected_draws_match_the_exact_posterior(eight_schools) -> None:
     """The guide's Laplace start (no training) is off in the globals; importance resampling
     of its draws (the locals drawn from their conditionals given the globals' draw) lands on
     the posterior computed by quadrature, globals and locals."""
-    y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], dtype=torch.float64)
-    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0], dtype=torch.float64)
+    model, y, sigma = eight_schools
     sigma = sigma / 3  # informative enough that the start's draws cover the posterior
     exact = _eight_schools_by_quadrature(y, sigma)
     pyro.set_rng_seed(0)
-    guide = AutoHierarchicalFlow(_eight_schools)
+    guide = AutoHierarchicalFlow(model)
     guide(y, sigma)
 
     def errors(draws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -328,6 +319,6 @@ def test_psis_corrected_draws_match_the_exact_posterior() -> None:
 
     raw = errors(guide.sample_full(8000, y, sigma))
     assert raw["log_tau"][0] > 0.15  # the start alone is off: the correction is needed
-    fixed = errors(importance_resample(_eight_schools, guide, y, sigma, num_samples=8000))
+    fixed = errors(importance_resample(model, guide, y, sigma, num_samples=8000))
     for name, err in fixed.items():
         assert err.max() < 0.06, (name, err)

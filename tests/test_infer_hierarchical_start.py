@@ -143,19 +143,12 @@ def test_the_start_leaves_the_param_store_holding_the_final_flows_only() -> None
     assert len(centers) == 1 and centers[0] is guide.global_flow[-1].center
 
 
-def test_a_fit_from_the_laplace_start_learns_the_long_left_tail_of_a_group_scale() -> None:
+def test_a_fit_from_the_laplace_start_learns_the_long_left_tail_of_a_group_scale(
+    eight_schools,
+) -> None:
     # eight schools: log tau's posterior has an exponential left tail (the HalfCauchy's
     # density is positive at zero); the fit should make its left tail weight grow
-    y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]).double()
-    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]).double()
-
-    def schools(y: torch.Tensor, sigma: torch.Tensor) -> None:
-        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
-        with pyro.plate("school", len(y)):
-            theta = pyro.sample("theta", dist.Normal(mu, tau))
-            pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
-
+    schools, y, sigma = eight_schools
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     guide = AutoHierarchicalFlow(schools)
