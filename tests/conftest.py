@@ -27,17 +27,18 @@ def default_dtype(request: pytest.FixtureRequest) -> Iterator[torch.dtype]:
     torch.set_default_dtype(old)
 
 
-def _eight_schools(y: torch.Tensor, sigma: torch.Tensor) -> None:
+def _eight_schools(y: torch.Tensor, sigma: torch.Tensor, batch: int | None = None) -> None:
     mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
     tau = pyro.sample("tau", dist.HalfCauchy(5.0))
-    with pyro.plate("school", len(y)):
+    with pyro.plate("school", len(y), subsample_size=batch) as i:
         theta = pyro.sample("theta", dist.Normal(mu, tau))
-        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+        pyro.sample("y", dist.Normal(theta, sigma[i]), obs=y[i])
 
 
 @pytest.fixture
 def eight_schools() -> tuple[Callable[..., None], torch.Tensor, torch.Tensor]:
-    """The centred eight-schools model and its data (float64): ``(model, y, sigma)``."""
+    """The centred eight-schools model (its last argument a subsample size, default none) and
+    its data (float64): ``(model, y, sigma)``."""
     y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], dtype=torch.float64)
     sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0], dtype=torch.float64)
     return _eight_schools, y, sigma

@@ -322,3 +322,69 @@ def test_psis_corrected_draws_match_the_exact_posterior(eight_schools) -> None:
     fixed = errors(importance_resample(model, guide, y, sigma, num_samples=8000))
     for name, err in fixed.items():
         assert err.max() < 0.06, (name, err)
+
+
+def _eight_schools_log_marginal(
+    g: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    """``log p(mu, log tau, y)`` in closed form (``theta`` integrated out), ``g`` ``(S, 2)``."""
+    mu, log_tau = g[:, 0], g[:, 1]
+    scale = (log_tau.exp()[:, None] ** 2 + sigma**2).sqrt()
+    prior = dist.Normal(0.0, 5.0).log_prob(mu) + dist.HalfCauchy(5.0).log_prob(log_tau.exp())
+    return prior + log_tau + dist.Normal(mu[:, None], scale).log_prob(y).sum(-1)
+
+
+@pytest.mark.parametrize("batch", [None, 3, 4], ids=["full", "pads-1", "divides"])
+def test_laplace_marginal_of_the_globals_is_exact_for_a_normal_model(eight_schools, batch) -> None:
+    """Read in chunks of the subsample size where the plate is subsampled (8 by 3: the last
+    chunk padded)."""
+    model, y, sigma = eight_schools
+    pyro.clear_param_store()
+    guide = AutoHierarchicalFlow(model)
+    guide(y, sigma, batch)
+    g = torch.randn(7, 2, dtype=torch.float64) * torch.tensor([3.0, 1.5]) + torch.tensor([4.0, 1.0])
+    g = g.to(guide._anchor.dtype)  # the guide's (the priors' float32: the data's dtype aside)
+    with torch.no_grad():
+        got = guide._laplace_log_marginal(g, (y, sigma, batch), {})
+    want = _eight_schools_log_marginal(g.double(), y, sigma)
+    assert torch.allclose(got.double(), want, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [None, 3])
+def test_marginal_resample_matches_the_exact_posterior(eight_schools, batch) -> None:
+    """From the untrained start the globals resampled by their marginal weights, and the
+    locals drawn given them over the full plate, land on the posterior by quadrature."""
+    model, y, sigma = eight_schools
+    sigma = sigma / 3
+    exact = _eight_schools_by_quadrature(y, sigma)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoHierarchicalFlow(model)
+    draws = guide.marginal_resample(y, sigma, batch, num_samples=8000)
+    values = {"mu": draws["mu"], "log_tau": draws["tau"].log(), "theta": draws["theta"]}
+    assert values["theta"].shape == (8000, 8)  # the full plate, also when subsampled
+    for name, v in values.items():
+        mean, sd = exact[name]
+        err = torch.stack([(v.mean(0) - mean) / sd, (v.std(0) / sd).log()]).abs()
+        assert err.max() < 0.06, (name, err)
+    only = guide.marginal_resample(
+        y, sigma, batch, num_samples=100, num_draws=10, globals_only=True
+    )
+    assert set(only) == {"mu", "tau"} and only["tau"].shape == (10,)
+
+
+def test_marginal_resample_refuses_what_it_cannot_integrate(eight_schools) -> None:
+    model, y, sigma = eight_schools
+    for guide, args in ((model, (y, sigma)), (nested, ()), (two_sites, ())):
+        pyro.clear_param_store()
+        with pytest.raises(ValueError, match="num_samples|leaf|no global"):
+            AutoHierarchicalFlow(guide).marginal_resample(*args, num_samples=0 if args else 10)
+
+
+def test_marginal_resample_warns_when_its_weights_are_unreliable(eight_schools) -> None:
+    model, y, sigma = eight_schools
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoHierarchicalFlow(model, init="loc", init_scale=0.01)  # far too narrow
+    with pytest.warns(UserWarning, match="k-hat"):
+        guide.marginal_resample(y, sigma, num_samples=500)

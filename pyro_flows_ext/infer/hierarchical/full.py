@@ -21,8 +21,8 @@ whether it is the first draw of its chain (no draw in its context yet)."""
 
 class FullPlateDraws:
     """The full-plate methods of the hierarchical guide; the guide provides ``initialize``,
-    ``structure``, ``_anchor``, ``_model_nesting`` and ``_full(draw, args, kwargs)``, which
-    runs its flows over the full plates with blocks drawn by ``draw``."""
+    ``structure``, ``_anchor``, ``_model_nesting``, ``_aux`` and ``_full(draw, args,
+    kwargs)``, which runs its flows over the full plates with blocks drawn by ``draw``."""
 
     num_quantile_samples: int = 1000
     """Draws behind :meth:`quantiles` (Monte Carlo over the full plates)."""
@@ -31,6 +31,7 @@ class FullPlateDraws:
     _anchor: Tensor
     _model_nesting: int
     initialize: Callable[..., Any]
+    _aux: Callable[[str], str]
     _full: Callable[[Draw, tuple, dict], dict[str, Tensor]]
 
     @torch.no_grad()
@@ -67,12 +68,21 @@ class FullPlateDraws:
         """
         num = positive_int("num_samples", num_samples)
         self.initialize(*args, **kwargs)
-        assert self.structure is not None
+        return self._draw_full(num, args, kwargs)
 
+    def _draw_full(
+        self, num: int, args: tuple, kwargs: dict, globals_: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """``num`` joint draws over the full plates (:meth:`sample_full`), the unconstrained
+        globals fixed to ``globals_`` ``(num, D)`` when given."""
+        assert self.structure is not None
         nesting = max([self._model_nesting] + [g.nesting for g in self.structure.groups])
+        first = self._aux("globals")
 
         def draw(name: str, d: Distribution, fresh: bool, score: Any) -> Tensor:
             pad = (1,) * (nesting - len(d.batch_shape))  # the sample dim left of every plate
+            if name == first and globals_ is not None:
+                return globals_.reshape((num, *pad) + globals_.shape[-1:])
             return d.sample((num, *pad) if fresh else ())
 
         values = self._full(draw, args, kwargs)

@@ -49,6 +49,7 @@ __all__ = [
     "newton_conditionals",
     "newton_gaussian",
     "unscaled_log_prob",
+    "unscaled_terms",
 ]
 
 MAX_STEP = 30.0
@@ -60,6 +61,11 @@ def unscaled_log_prob(site: Any, weight: Tensor | float = 1.0) -> Tensor:
     """A site's log density summed, without the subsampled plates' ``N / B`` factor (its mask
     and any other scale kept), each element's term times ``weight`` (broadcast against the
     site's batch shape) first."""
+    return unscaled_terms(site, weight).sum()
+
+
+def unscaled_terms(site: Any, weight: Tensor | float = 1.0) -> Tensor:
+    """The terms of :func:`unscaled_log_prob`, not summed (the site's batch shape)."""
     lp = site["fn"].log_prob(site["value"])
     if site["mask"] is not None:  # a where, as Pyro masks: no cast of the mask to a float
         lp = torch.where(torch.as_tensor(site["mask"]), lp, lp.new_zeros(()))
@@ -71,7 +77,7 @@ def unscaled_log_prob(site: Any, weight: Tensor | float = 1.0) -> Tensor:
         scale = scale * weight
     if not isinstance(scale, float | int) or scale != 1:  # each op here is differentiated
         lp = lp * scale  # three times by the Newton conditionals: none for a unit scale
-    return lp.sum()
+    return lp
 
 
 def model_run(
