@@ -54,6 +54,10 @@ def test_subsample_noise_benchmark_runs(tmp_path: Path) -> None:
     subsample_noise.main([*argv, "--average", "0.5", "--draws", "20", "--out", str(out)])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
     assert len(rows) == 2 + 2 * 3 and "| 1 | end |" in rows[-1] and "nan" not in out.read_text()
+    subsample_noise.main([*argv, "--marginal", "50", "--draws", "20", "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 + 2 * 4 and "| 1 | end, marginal_resample (" in rows[-1]
+    assert "nan" not in out.read_text()
 
 
 def test_glm_benchmark_runs(tmp_path: Path) -> None:
