@@ -45,7 +45,7 @@ from pyro_flows_ext.infer.traces import (
     vectorised_or_looped,
 )
 
-__all__ = ["ImportanceDraws", "importance_draws"]
+__all__ = ["ImportanceDraws", "draw_elements", "importance_draws"]
 
 _PARTICLES = "_diagnostic_particles"
 DRAW_BUDGET = 2**25
@@ -164,15 +164,19 @@ def draw_batch(proto: Any, num: int, batch_size: int | None) -> int:
     ``proto``), at least one and at most ``num``."""
     if batch_size is not None:
         return min(batch_size, num)
-    per_draw = max(
+    return max(1, min(num, DRAW_BUDGET // draw_elements(proto)))
+
+
+def draw_elements(trace: Any) -> int:
+    """Elements of the largest sample site of ``trace`` (one draw of the model)."""
+    return max(
         [
             max(site["value"].numel(), math.prod(site["fn"].batch_shape + site["fn"].event_shape))
-            for site in proto.nodes.values()
+            for site in trace.nodes.values()
             if site["type"] == "sample" and not site_is_subsample(site)
         ],
         default=1,
     )
-    return max(1, min(num, DRAW_BUDGET // per_draw))
 
 
 def _vectorized(

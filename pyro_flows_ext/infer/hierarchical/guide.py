@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from pyro_flows_ext.checks import check_bool, hidden_sizes, one_of, positive_float, positive_int
+from pyro_flows_ext.infer.diagnostics.importance import draw_elements
 from pyro_flows_ext.infer.guide_state import GuideStateMixin, param_store_untouched
 from pyro_flows_ext.infer.hierarchical.crossed import crossed_stages
 from pyro_flows_ext.infer.hierarchical.full import Draw, FullPlateDraws
@@ -289,9 +290,11 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, GlobalMarginal, Auto
         with_observed = poutine.block(replayed.get_trace)  # the plates of observations too
         rng = pyro.util.get_rng_state()  # a subsample drawn here must not move the user's seed
         try:
-            self._model_nesting = plate_nesting(with_observed(*args, **kwargs))
+            observed = with_observed(*args, **kwargs)
         finally:
             pyro.util.set_rng_state(rng)
+        self._model_nesting = plate_nesting(observed)
+        self._draw_elements = draw_elements(observed)  # bounds marginal_resample's batches
         self.register_buffer("_anchor", like.new_zeros(()).detach())
         self.to(dtype=like.dtype, device=like.device)
         found = self._laplace_start(args, kwargs) if self.init == "laplace" else None

@@ -35,8 +35,10 @@ from pyro_flows_ext.infer.hierarchical.plates import PlateStructure, index_chunk
 
 __all__ = ["GlobalMarginal", "Weights"]
 
-DRAW_CELLS = 2**18
-"""Draws times plate elements evaluated at once by :meth:`GlobalMarginal.marginal_resample`."""
+DRAW_CELLS = 2**22
+"""Draws times the largest site's elements evaluated at once by
+:meth:`GlobalMarginal.marginal_resample` (each cell carries a Newton step's gradient and
+Hessian products: about 1 GB at this bound)."""
 
 Weights = dict[str, tuple[Tensor | float, float]]
 """Per plate name: the weight of each of its elements' terms (a scalar, or one per element of
@@ -95,7 +97,8 @@ def full_chunks(structure: PlateStructure, device: torch.device) -> list[tuple[d
 
 class GlobalMarginal:
     """The marginal methods of the hierarchical guide, which provides ``structure``,
-    ``initialize``, ``_plain_model``, ``_model_nesting``, ``_newton_groups``, ``_stages``,
+    ``initialize``, ``_plain_model``, ``_model_nesting``, ``_draw_elements`` (the model's
+    largest site), ``_newton_groups``, ``_stages``,
     ``_aux``, ``_walk``, ``_features``, ``_conditionals``, ``_global_dist`` and
     ``_draw_full``."""
 
@@ -103,6 +106,7 @@ class GlobalMarginal:
     initialize: Callable[..., Any]
     _plain_model: Callable[..., Any]
     _model_nesting: int
+    _draw_elements: int
     _newton_groups: frozenset[int]
     _stages: dict[int, int]
     _aux: Callable[[str], str]
@@ -261,8 +265,7 @@ class GlobalMarginal:
             )
         q = self._global_dist()
         g = q.sample((num,))
-        cells = math.prod(p.subsample_size for p in s.plates.values())
-        batch = max(1, DRAW_CELLS // max(1, cells))
+        batch = max(1, DRAW_CELLS // self._draw_elements)
         log_p = torch.cat(
             [self._laplace_log_marginal(part, args, kwargs) for part in g.split(batch)]
         )
