@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +49,7 @@ def test_funnel_benchmark_runs(tmp_path: Path) -> None:
     assert len(rows) == 2 + 8 and "| 20 | 5 | hierarchical (fit_guide) |" in out.read_text()
 
 
+@pytest.mark.filterwarnings("ignore:marginal_resample:UserWarning")  # tiny fits
 def test_subsample_noise_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "noise.md"
     argv = ["--groups", "30", "--batch", "5", "--steps", "4", "--every", "2", "--seeds", "0,1"]
