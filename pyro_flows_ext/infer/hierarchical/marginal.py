@@ -223,7 +223,10 @@ class GlobalMarginal:
         :math:`p(g, y)` integrates the locals out by the Laplace approximation at their
         Newton conditionals: exact where a group's conditional is normal (normal prior and
         likelihood with a location linear in the locals, as radon's or the funnel's), an
-        approximation otherwise (a GLM). So the weights live in the globals' few dimensions,
+        approximation otherwise, whose error the weights inherit: on a varying-intercept
+        logistic regression (20 groups) the resampled globals were 0.19 to 0.26 sd off where
+        the guide's own draws were 0.05 to 0.08 (use
+        :func:`~pyro_flows_ext.infer.importance_resample` there). So the weights live in the globals' few dimensions,
         however many elements the plates have, and they do not depend on how well the guide
         learned the locals; a subsampled plate is read in chunks of its subsample size.
         Every latent group must be a leaf with Newton conditionals (no nested plates, no
