@@ -213,6 +213,26 @@ def _observed_in_an_inner_plate(y: torch.Tensor) -> None:
             pyro.sample("y", dist.Normal(theta, 1.0), obs=y)
 
 
+def test_full_plate_draws_come_in_batches_bounded_by_the_largest_site(monkeypatch) -> None:
+    """Draws over the full plates are made ``draws_at_once`` at a time (the Newton
+    conditionals run the model over every observation per draw)."""
+    from pyro_flows_ext.infer.hierarchical import full
+
+    y = torch.randn(3, 4)
+    pyro.clear_param_store()
+    guide = AutoHierarchicalFlow(_observed_in_an_inner_plate)
+    guide(y)
+    assert guide.draws_at_once() == full.DRAW_CELLS // 12  # the (3, 4) observations
+    monkeypatch.setattr(full, "DRAW_CELLS", 24)  # two draws at a time
+    assert guide.draws_at_once() == 2
+    pyro.set_rng_seed(0)
+    draws = guide.sample_full(5, y)
+    assert draws["mu"].shape == (5,) and draws["theta"].shape == (5, 4)
+    assert len(set(draws["mu"].tolist())) == 5  # five draws, not one batch repeated
+    resampled = guide.marginal_resample(y, num_samples=50, num_draws=5)
+    assert resampled["theta"].shape == (5, 4)
+
+
 def test_full_plate_draws_where_only_observations_sit_in_an_inner_plate() -> None:
     """The draws' sample dim goes left of every plate of the model, the observations' too
     (the guide's prototype trace holds no observed site)."""

@@ -12,7 +12,12 @@ from torch.distributions import Distribution
 
 from pyro_flows_ext.checks import positive_int
 
-__all__ = ["Draw", "FullPlateDraws"]
+__all__ = ["DRAW_CELLS", "Draw", "FullPlateDraws"]
+
+DRAW_CELLS = 2**22
+"""Draws times the elements of the model's largest site evaluated at once over the full plates
+(each element carries a Newton step's gradient and Hessian products: about 1 GB at this
+bound)."""
 
 Draw = Callable[[str, Distribution, bool, Callable[[], Distribution] | None], Tensor]
 """How a block is drawn: ``(name, distribution, fresh, score) -> value``; ``fresh`` tells
@@ -21,8 +26,9 @@ whether it is the first draw of its chain (no draw in its context yet)."""
 
 class FullPlateDraws:
     """The full-plate methods of the hierarchical guide; the guide provides ``initialize``,
-    ``structure``, ``_anchor``, ``_model_nesting``, ``_aux`` and ``_full(draw, args,
-    kwargs)``, which runs its flows over the full plates with blocks drawn by ``draw``."""
+    ``structure``, ``_anchor``, ``_model_nesting``, ``_draw_elements`` (the elements of the
+    model's largest site), ``_aux`` and ``_full(draw, args, kwargs)``, which runs its flows
+    over the full plates with blocks drawn by ``draw``."""
 
     num_quantile_samples: int = 1000
     """Draws behind :meth:`quantiles` (Monte Carlo over the full plates)."""
@@ -30,6 +36,7 @@ class FullPlateDraws:
     structure: Any
     _anchor: Tensor
     _model_nesting: int
+    _draw_elements: int
     initialize: Callable[..., Any]
     _aux: Callable[[str], str]
     _full: Callable[[Draw, tuple, dict], dict[str, Tensor]]
@@ -54,8 +61,9 @@ class FullPlateDraws:
     @torch.no_grad()
     def sample_full(self, num_samples: int, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """``num_samples`` joint draws over the full plates (no subsampling):
-        ``name -> (num_samples, *shape)`` in the constrained space. Memory grows as
-        ``num_samples`` times the total size of the latents.
+        ``name -> (num_samples, *shape)`` in the constrained space, computed
+        :meth:`draws_at_once` draws at a time. The result takes ``num_samples`` times the
+        total size of the latents.
 
         Example:
             >>> import pyro, pyro.distributions as dist
@@ -74,7 +82,24 @@ class FullPlateDraws:
         self, num: int, args: tuple, kwargs: dict, globals_: Tensor | None = None
     ) -> dict[str, Tensor]:
         """``num`` joint draws over the full plates (:meth:`sample_full`), the unconstrained
-        globals fixed to ``globals_`` ``(num, D)`` when given."""
+        globals fixed to ``globals_`` ``(num, D)`` when given; in batches of
+        :meth:`draws_at_once` draws (each runs the model for the Newton conditionals)."""
+        step = self.draws_at_once()
+        batches = [
+            self._draw_batch(
+                min(step, num - start),
+                None if globals_ is None else globals_[start : start + step],
+                args,
+                kwargs,
+            )
+            for start in range(0, num, step)
+        ]
+        return {n: torch.cat([b[n] for b in batches]) for n in batches[0]}
+
+    def _draw_batch(
+        self, num: int, globals_: Tensor | None, args: tuple, kwargs: dict
+    ) -> dict[str, Tensor]:
+        """One batch of :meth:`_draw_full`."""
         assert self.structure is not None
         nesting = max([self._model_nesting] + [g.nesting for g in self.structure.groups])
         first = self._aux("globals")
@@ -87,6 +112,11 @@ class FullPlateDraws:
 
         values = self._full(draw, args, kwargs)
         return {n: v.reshape((num, *self.structure.site_shape(n))) for n, v in values.items()}
+
+    def draws_at_once(self) -> int:
+        """Draws evaluated together over the full plates: :data:`DRAW_CELLS` over the
+        elements of the model's largest site (its observations' padded grid, say)."""
+        return max(1, DRAW_CELLS // self._draw_elements)
 
     @torch.no_grad()
     def quantiles(

@@ -35,10 +35,6 @@ from pyro_flows_ext.infer.hierarchical.plates import PlateStructure, index_chunk
 
 __all__ = ["GlobalMarginal", "Weights"]
 
-DRAW_CELLS = 2**22
-"""Draws times the largest site's elements evaluated at once by
-:meth:`GlobalMarginal.marginal_resample` (each cell carries a Newton step's gradient and
-Hessian products: about 1 GB at this bound)."""
 
 Weights = dict[str, tuple[Tensor | float, float]]
 """Per plate name: the weight of each of its elements' terms (a scalar, or one per element of
@@ -97,16 +93,14 @@ def full_chunks(structure: PlateStructure, device: torch.device) -> list[tuple[d
 
 class GlobalMarginal:
     """The marginal methods of the hierarchical guide, which provides ``structure``,
-    ``initialize``, ``_plain_model``, ``_model_nesting``, ``_draw_elements`` (the model's
-    largest site), ``_newton_groups``, ``_stages``,
-    ``_aux``, ``_walk``, ``_features``, ``_conditionals``, ``_global_dist`` and
-    ``_draw_full``."""
+    ``initialize``, ``_plain_model``, ``_model_nesting``, ``_newton_groups``, ``_stages``,
+    ``_aux``, ``_walk``, ``_features``, ``_conditionals``, ``_global_dist``, ``_draw_full``
+    and ``draws_at_once``."""
 
     structure: PlateStructure | None
     initialize: Callable[..., Any]
     _plain_model: Callable[..., Any]
     _model_nesting: int
-    _draw_elements: int
     _newton_groups: frozenset[int]
     _stages: dict[int, int]
     _aux: Callable[[str], str]
@@ -115,6 +109,7 @@ class GlobalMarginal:
     _conditionals: Callable[..., dict[int, tuple[Tensor, Tensor]]]
     _global_dist: Callable[[], Distribution]
     _draw_full: Callable[..., dict[str, Tensor]]
+    draws_at_once: Callable[[], int]
 
     def _marginal(
         self, g: Tensor, indices: dict[str, Tensor], weights: Weights, args: tuple, kwargs: dict
@@ -226,9 +221,10 @@ class GlobalMarginal:
         approximation otherwise, whose error the weights inherit: on a varying-intercept
         logistic regression (20 groups) the resampled globals were 0.19 to 0.26 sd off where
         the guide's own draws were 0.05 to 0.08 (use
-        :func:`~pyro_flows_ext.infer.importance_resample` there). So the weights live in the globals' few dimensions,
-        however many elements the plates have, and they do not depend on how well the guide
-        learned the locals; a subsampled plate is read in chunks of its subsample size.
+        :func:`~pyro_flows_ext.infer.importance_resample` there). So the weights live in the
+        globals' few dimensions, however many elements the plates have, and they do not
+        depend on how well the guide learned the locals; a subsampled plate is read in chunks
+        of its subsample size.
         Every latent group must be a leaf with Newton conditionals (no nested plates, no
         crossed groups conditioned in sequence, ``newton=True``). Warns when the weights'
         :math:`\\hat k` is above its threshold (:func:`~pyro_flows_ext.infer.psis_khat`'s).
@@ -268,7 +264,7 @@ class GlobalMarginal:
             )
         q = self._global_dist()
         g = q.sample((num,))
-        batch = max(1, DRAW_CELLS // self._draw_elements)
+        batch = self.draws_at_once()
         log_p = torch.cat(
             [self._laplace_log_marginal(part, args, kwargs) for part in g.split(batch)]
         )
