@@ -408,3 +408,21 @@ def test_marginal_resample_warns_when_its_weights_are_unreliable(eight_schools) 
     guide = AutoHierarchicalFlow(model, init="loc", init_scale=0.01)  # far too narrow
     with pytest.warns(UserWarning, match="k-hat"):
         guide.marginal_resample(y, sigma, num_samples=500)
+
+
+def _logistic(y: torch.Tensor) -> None:
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    with pyro.plate("g", len(y)):
+        a = pyro.sample("a", dist.Normal(mu, sigma))
+        pyro.sample("y", dist.Bernoulli(logits=a), obs=y)
+
+
+@pytest.mark.filterwarnings("ignore:marginal_resample. the globals' importance weights")
+def test_marginal_resample_warns_where_the_laplace_marginal_is_approximate() -> None:
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoHierarchicalFlow(_logistic)
+    y = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])
+    with pytest.warns(UserWarning, match=r"\['y'\] are not normal"):
+        guide.marginal_resample(y, num_samples=200, num_draws=10)

@@ -36,7 +36,7 @@ class FullPlateDraws:
     structure: Any
     _anchor: Tensor
     _model_nesting: int
-    _draw_elements: int
+    _draw_elements: int = 1  # guides pickled before it was kept: every draw at once, as then
     initialize: Callable[..., Any]
     _aux: Callable[[str], str]
     _full: Callable[[Draw, tuple, dict], dict[str, Tensor]]

@@ -40,6 +40,7 @@ from pyro_flows_ext.infer.hierarchical.newton import group_conditionals
 from pyro_flows_ext.infer.hierarchical.plates import (
     PlateGroup,
     PlateStructure,
+    non_normal_sites,
     plate_nesting,
     plate_structure,
 )
@@ -295,6 +296,7 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, GlobalMarginal, Auto
             pyro.util.set_rng_state(rng)
         self._model_nesting = plate_nesting(observed)
         self._draw_elements = draw_elements(observed)  # bounds marginal_resample's batches
+        self._non_normal = non_normal_sites(observed, s.plates)  # its Laplace is approximate
         self.register_buffer("_anchor", like.new_zeros(()).detach())
         self.to(dtype=like.dtype, device=like.device)
         found = self._laplace_start(args, kwargs) if self.init == "laplace" else None

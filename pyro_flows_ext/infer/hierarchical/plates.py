@@ -23,7 +23,7 @@ from pyro.infer.autoguide.utils import helpful_support_errors
 from pyro.ops.tensor_utils import periodic_repeat
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
-from torch.distributions import Transform, biject_to
+from torch.distributions import Normal, Transform, biject_to
 
 __all__ = [
     "PlateGroup",
@@ -31,6 +31,7 @@ __all__ = [
     "PlateStructure",
     "SiteLayout",
     "index_chunks",
+    "non_normal_sites",
     "plate_nesting",
     "plate_structure",
 ]
@@ -349,6 +350,24 @@ def plate_structure(trace: Any) -> PlateStructure:
         names = {p.name for p in group.plates}
         group.parents = [j for j in range(i) if {p.name for p in groups[j].plates} < names]
     return PlateStructure(global_sites, groups, plates)
+
+
+def non_normal_sites(trace: Any, plates: dict[str, Any]) -> list[str]:
+    """The sample sites of ``trace`` inside any of ``plates`` (names) whose distribution,
+    unwrapped of ``Independent``, masks and expansions, is not ``Normal``: where the locals'
+    conditional is not normal, so their Laplace marginal is only an approximation."""
+    out = []
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if not any(f.name in plates for f in site["cond_indep_stack"]):
+            continue
+        fn = site["fn"]
+        while not isinstance(fn, Normal) and hasattr(fn, "base_dist"):
+            fn = fn.base_dist
+        if not isinstance(fn, Normal):
+            out.append(name)
+    return out
 
 
 def plate_nesting(trace: Any) -> int:
