@@ -40,6 +40,7 @@ from benchmarks.hierarchical import (
     model,
     write_results,
 )
+from benchmarks.hierarchical_real import moments
 from pyro_flows_ext.infer import AutoHierarchicalFlow, fit_guide
 
 GLOBALS = ("mu", "log_tau")
@@ -85,9 +86,7 @@ def run(seed: int, opts: argparse.Namespace) -> list[tuple[str, dict]]:
         draws = guide.marginal_resample(
             y, s, opts.batch, num_samples=opts.marginal, globals_only=True
         )  # fmt: skip
-        values = {"mu": draws["mu"].double(), "log_tau": draws["tau"].double().log()}
-        got = {f"{n}_{k}": getattr(v, k)() for n, v in values.items() for k in ("mean", "std")}
-        got = {k.replace("_std", "_sd"): v for k, v in got.items()}
+        got = moments({"mu": draws["mu"].double(), "log_tau": draws["tau"].double().log()})
         seconds = time.process_time() - start
         rows.append((f"end, marginal_resample ({seconds:.0f} CPU s)", signed(truth, got)))
     return rows

@@ -491,15 +491,10 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, GlobalMarginal, Auto
 
         return self._walk(indices, feats, draw, emit, scope, conditionals)
 
-    def _full(
-        self, draw: Draw, args: tuple, kwargs: dict, emit: Emit | None = None, built: bool = True
-    ) -> dict[str, Tensor]:
-        """Run the flows over the full plates (no Pyro sites), values as ``draw`` gives
-        (each site's through ``emit(name, value, log |d u / d value|)`` when given); after
-        :meth:`initialize` unless the guide is still building itself (``built=False``: its
-        tensors must not enter Pyro's param store before its start is set)."""
-        if built:
-            self.initialize(*args, **kwargs)
+    def _full(self, draw: Draw, args: tuple, kwargs: dict) -> dict[str, Tensor]:
+        """Run the flows over the full plates (no Pyro sites), values as ``draw`` gives,
+        after :meth:`initialize`."""
+        self.initialize(*args, **kwargs)
         assert self.structure is not None
         device = self._anchor.device
         indices = {n: torch.arange(p.size, device=device) for n, p in self.structure.plates.items()}
@@ -508,5 +503,7 @@ class AutoHierarchicalFlow(GuideStateMixin, FullPlateDraws, GlobalMarginal, Auto
         def conditionals(g: Tensor, blocks: dict[int, Tensor], to: list[int]) -> dict[int, Any]:
             return self._conditionals(g, blocks, indices, args, kwargs, True, targets=to)
 
-        emit = emit or (lambda n, v, ld: v)
+        def emit(name: str, value: Tensor, log_det: Tensor) -> Tensor:
+            return value
+
         return self._walk(indices, feats, draw, emit, lambda g: nullcontext(), conditionals)

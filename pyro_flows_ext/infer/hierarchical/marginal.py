@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -102,7 +102,7 @@ class GlobalMarginal:
     initialize: Callable[..., Any]
     _plain_model: Callable[..., Any]
     _model_nesting: int
-    _non_normal: list[str] | tuple[()] = ()  # for guides pickled before it was kept
+    _non_normal: Sequence[str] = ()  # for guides pickled before it was kept
     _newton_groups: frozenset[int]
     _stages: dict[int, int]
     _aux: Callable[[str], str]
@@ -169,9 +169,9 @@ class GlobalMarginal:
 
     def _laplace_log_marginal(self, g: Tensor, args: tuple, kwargs: dict) -> Tensor:
         """:math:`\\log p(g, y)` for draws ``g`` ``(S, D)`` of the unconstrained globals,
-        ``(S,)`` in float64: every group's locals integrated out by the Laplace approximation at its
-        Newton conditional (exact where the conditional is normal), over the full plates in
-        chunks of the subsample sizes."""
+        ``(S,)`` in float64: every group's locals integrated out by the Laplace approximation
+        at its Newton conditional (exact where the conditional is normal), over the full
+        plates in chunks of the subsample sizes."""
         s = self.structure
         assert s is not None
         num, nesting = g.shape[0], self._model_nesting

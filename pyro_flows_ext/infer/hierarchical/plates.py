@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pyro.distributions import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide.utils import helpful_support_errors
 from pyro.ops.tensor_utils import periodic_repeat
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
-from torch.distributions import Normal, Transform, biject_to
+from torch.distributions import Independent, Normal, Transform, biject_to
 
 __all__ = [
     "PlateGroup",
@@ -363,7 +364,7 @@ def non_normal_sites(trace: Any, plates: dict[str, Any]) -> list[str]:
         if not any(f.name in plates for f in site["cond_indep_stack"]):
             continue
         fn = site["fn"]
-        while not isinstance(fn, Normal) and hasattr(fn, "base_dist"):
+        while isinstance(fn, Independent | MaskedDistribution | ExpandedDistribution):
             fn = fn.base_dist
         if not isinstance(fn, Normal):
             out.append(name)
