@@ -4,6 +4,7 @@ diagnostics."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -278,10 +279,10 @@ def test_encoders_amortise_a_plate() -> None:
         AutoHierarchicalFlow(hier, encoders={"g": lambda y, b=None: y}).initialize(Y)
 
 
-def test_globals_couplings_are_splines_for_few_elements_affine_for_many() -> None:
+def test_globals_couplings_are_splines_for_few_elements_affine_for_many_and_deeper() -> None:
     from pyro_flows_ext.transforms import AffineMap, SplineMap
 
-    def build(y: torch.Tensor, **options: str) -> AutoHierarchicalFlow:
+    def build(y: torch.Tensor, **options: Any) -> AutoHierarchicalFlow:
         pyro.clear_param_store()  # guides of one class share their names in the store
         return AutoHierarchicalFlow(funnel, **options).initialize(y)
 
@@ -291,6 +292,14 @@ def test_globals_couplings_are_splines_for_few_elements_affine_for_many() -> Non
     assert few.global_flow[1].transformer == SplineMap()  # behind the ExponentialTails
     assert many.global_flow[1].transformer == AffineMap(clamp=few.clamp)
     assert chosen.global_flow[1].transformer == AffineMap(clamp=few.clamp)
+
+    def couplings(guide: AutoHierarchicalFlow) -> int:
+        return sum(hasattr(t, "transformer") for t in guide.global_flow)
+
+    # the default depth: 2 spline couplings, AFFINE_DEPTH affine ones; a given depth stays
+    assert (couplings(few), couplings(chosen)) == (2, AutoHierarchicalFlow.AFFINE_DEPTH)
+    assert couplings(many) == AutoHierarchicalFlow.AFFINE_DEPTH
+    assert couplings(build(torch.zeros(5), coupling="affine", depth=3)) == 3
 
 
 def _eight_schools_by_quadrature(y: torch.Tensor, sigma: torch.Tensor) -> dict[str, tuple]:
