@@ -21,7 +21,7 @@ from pyro_flows_ext.infer.diagnostics.importance import (
     _value,
     importance_draws,
 )
-from pyro_flows_ext.infer.diagnostics.pareto import ParetoK, _arviz
+from pyro_flows_ext.infer.diagnostics.pareto import ParetoK, _arviz, resample_index
 
 __all__ = ["importance_resample", "psis_khat", "to_inference_data"]
 
@@ -95,8 +95,7 @@ def importance_resample(
         positive_int("num_draws", num_draws)
     d = importance_draws(model, guide, *args, num_samples=num_samples, **kwargs)
     smoothed, _ = d.psis()
-    probs = torch.as_tensor(np.exp(smoothed - smoothed.max()), dtype=torch.float64)
-    index = torch.multinomial(probs, num_draws or num_samples, replacement=True)
+    index = resample_index(smoothed, num_draws or num_samples)
     sites = {**d.latents, **d.deterministic}
     return {k: v[index.to(v.device)] for k, v in sites.items()}
 

@@ -22,6 +22,7 @@ __all__ = [
     "khat_threshold",
     "khat_verdict",
     "pareto_smooth",
+    "resample_index",
 ]
 
 
@@ -195,3 +196,16 @@ def pareto_smooth(log_weights: Tensor, repeats: int = KHAT_BOOTSTRAP) -> tuple[n
     smoothed[finite] = np.asarray(fitted)
     ess = float(1 / np.exp(2 * smoothed[finite]).sum())
     return smoothed, ParetoK(float(khat), num, interval, ess)
+
+
+def resample_index(smoothed: np.ndarray, num: int) -> Tensor:
+    """``num`` draw indices sampled with replacement in proportion to the weights whose
+    smoothed normalised logs are ``smoothed`` (:func:`pareto_smooth`'s first output).
+
+    Example:
+        >>> import numpy as np
+        >>> resample_index(np.array([-np.inf, 0.0, -np.inf]), 4).tolist()
+        [1, 1, 1, 1]
+    """
+    probs = torch.as_tensor(np.exp(smoothed - smoothed.max()), dtype=torch.float64)
+    return torch.multinomial(probs, num, replacement=True)

@@ -22,14 +22,13 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 from pyro import poutine
 from torch import Tensor
 from torch.distributions import Distribution
 
 from pyro_flows_ext.checks import check_bool, positive_int
-from pyro_flows_ext.infer.diagnostics.pareto import pareto_smooth
+from pyro_flows_ext.infer.diagnostics.pareto import pareto_smooth, resample_index
 from pyro_flows_ext.infer.hierarchical.newton import model_run, unscaled_log_prob, unscaled_terms
 from pyro_flows_ext.infer.hierarchical.plates import PlateStructure, index_chunks
 
@@ -286,8 +285,7 @@ class GlobalMarginal:
                 f"{khat.khat:.2f} above {khat.threshold:.2f}; the resampled draws are unreliable",
                 stacklevel=3,  # the caller, behind torch.no_grad's wrapper
             )
-        probs = torch.as_tensor(np.exp(smoothed - smoothed.max()), dtype=torch.float64)
-        index = torch.multinomial(probs, keep, replacement=True).to(g.device)
+        index = resample_index(smoothed, keep).to(g.device)
         if globals_only:
             values = s.split_globals(g[index])
             return {n: v.reshape((keep, *s.site_shape(n))) for n, (v, _) in values.items()}
